@@ -1,0 +1,50 @@
+"""Model checkpoints: weights plus everything needed to rebuild and trust them, read with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import InputError
+from pipeline.io import atomic_path
+from pipeline.models import ModelSpec, build_model
+
+
+def save_torch(path: str | Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"missing checkpoint: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... on corrupt files
+        raise InputError(f"corrupt or unreadable checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} is not a checkpoint of this pipeline")
+    return obj
+
+
+def save_model(path: str | Path, model: nn.Module, spec: ModelSpec, **info) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch(path, {"format": "kd-model/1", "spec": spec.to_dict(), "state_dict": state, **info})
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec, dict]:
+    """Rebuild the model of a checkpoint; return it (eval mode, CPU), its spec and the checkpoint's info."""
+    ckpt = load_torch(path)
+    if ckpt.get("format") != "kd-model/1":
+        raise InputError(f"{path} is not a model checkpoint of this pipeline")
+    spec = ModelSpec(**{**ckpt["spec"], "pretrained": False})
+    model = build_model(spec)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise InputError(f"{path}: weights do not fit {spec.arch}: {str(err).splitlines()[0]}") from None
+    info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "spec", "format")}
+    return model.eval(), spec, info

@@ -1,0 +1,108 @@
+"""Typed params: one pydantic model per `params.yaml` section, unknown keys forbidden.
+
+Kept free of torch so that commands can validate params (and print `--help`) instantly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from pipeline.errors import InputError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareParams(Section):
+    source: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder"] = Field(
+        "fashion-mnist", description="dataset to prepare")
+    root: Optional[str] = Field(None, description="local copy (folder or .tar.gz); null: Debian package or download")
+    cache_dir: str = Field("data/download", description="where downloads go when root is null")
+    image_size: int = Field(32, ge=8, le=1024, description="square side of the prepared images")
+    resize_mode: Literal["pad", "resize"] = Field("pad", description="fit images by centred zero-padding or resizing")
+    channels: Optional[Literal[1, 3]] = Field(None, description="1 or 3 output channels; null keeps the source's")
+    train_subset: Optional[PositiveInt] = Field(None, description="class-balanced training subset size; null: all")
+    test_subset: Optional[PositiveInt] = Field(None, description="class-balanced test subset size; null: all")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="imagefolder without train/test folders: test share")
+
+
+class ModelParams(Section):
+    arch: str = Field(description="resnet9, resnet34, mobilenetv2, vgg11_bn, vgg19_bn, vit_ett, vit_b or timm:<name>")
+    width: float = Field(1.0, gt=0, le=4, description="channel width multiplier (paper's models)")
+    pretrained: bool = Field(False, description="start from pretrained weights (timm models, needs the hub)")
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+
+
+class RecipeParams(Section):
+    recipe: Literal["adamw_onecycle", "sgd_multistep"] = Field(
+        "adamw_onecycle", description="AdamW + OneCycle (paper, 50 epochs) or SGD + MultiStep (240 epochs)")
+    epochs: PositiveInt = Field(50, description="training epochs")
+    batch_size: PositiveInt = Field(128, description="global batch size")
+    lr: float = Field(0.01, gt=0, description="peak learning rate (OneCycle max_lr or SGD initial lr)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW: 0.01 in the paper; SGD: 5e-4")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    milestones: list[PositiveInt] = Field([150, 180, 210], description="SGD: epochs where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, le=1, description="SGD: lr factor at each milestone")
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1, description="lr factor for everything before the classifier")
+    augment: bool = Field(False, description="per-image random crop (pad 4) and horizontal flip")
+    eval_batch_size: PositiveInt = Field(1024, description="batch size for evaluation")
+
+
+class TeacherParams(Section):
+    model: ModelParams = ModelParams(arch="resnet34")
+    train: RecipeParams = RecipeParams()
+    checkpoint: Optional[str] = Field(None, description="load this teacher checkpoint instead of training one")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+class Params(Section):
+    seed: int = Field(0, description="seed for subsets, initialisation, shuffling and augmentation")
+    prepare: PrepareParams = PrepareParams()
+    teacher: TeacherParams = TeacherParams()
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"override {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "params"
+    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"params: {where}: {what}{more}"
+
+
+def load_params(path: str | Path | None, overrides: list[str] = ()) -> Params:
+    """Read params.yaml (or defaults when path is None), apply `key.sub=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"params file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise InputError(f"params file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise InputError(f"params file {path} must hold a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"override {item!r} is not key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise InputError(_one_line(err)) from None

@@ -1,0 +1,108 @@
+"""Prepared datasets in memory: uint8 images on the compute device, batched, normalised and augmented there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.io import load_npy, manifest_id, read_json, read_manifest, verify_files
+
+
+@dataclass
+class Prepared:
+    """The `prepare` stage's outputs, verified against their manifest."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    meta: dict
+    data_id: str  # identity of these arrays, recorded by consumers
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["num_classes"]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["image_shape"])  # H, W, C
+
+
+def load_prepared(data_dir: str | Path) -> Prepared:
+    manifest = read_manifest(data_dir, "prepare")
+    verify_files(data_dir, manifest)
+    data_dir = Path(data_dir)
+    arrays = {name: load_npy(data_dir / f"{name}.npy")
+              for name in ("train_images", "train_labels", "test_images", "test_labels")}
+    return Prepared(**arrays, meta=read_json(data_dir / "meta.json"), data_id=manifest_id(manifest))
+
+
+class DeviceData:
+    """One split held as uint8 NHWC on `device`; yields normalised float NCHW batches.
+
+    Keeping the whole split on the device avoids a host-side loader that would starve a GPU.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, device: torch.device):
+        self.device = device
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        channels = self.images.shape[-1]
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+        self.channels_last = device.type == "cuda"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def steps(self, batch_size: int, drop_last: bool) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def normalise(self, images_u8: torch.Tensor) -> torch.Tensor:
+        x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def batches(self, batch_size: int, shuffle: bool = False, drop_last: bool = False,
+                generator: torch.Generator | None = None, augment: "Augment | None" = None,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (sample ids, images, labels). `generator` (a CPU generator) drives shuffling and augmentation."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for start in range(0, self.steps(batch_size, drop_last) * batch_size, batch_size):
+            ids = order[start:start + batch_size]
+            x = self.normalise(self.images[ids])
+            if augment is not None:
+                x = augment(x, generator)
+            yield ids, x, self.labels[ids]
+
+
+@dataclass
+class Augment:
+    """Per-image random crop (zero padding, after normalisation) and horizontal flip, on the batch's device."""
+
+    padding: int = 4
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p = self.padding
+        if p > 0:
+            padded = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device)
+            rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # b,1,h,1
+            cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # b,1,1,w
+            batch = torch.arange(b, device=x.device)[:, None, None, None]
+            chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
+        if self.flip:
+            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x

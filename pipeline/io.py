@@ -1,0 +1,146 @@
+"""Atomic file writes, hashing and output manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import InputError
+
+MANIFEST = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"corrupt JSON in {path}: {err}") from None
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def load_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"missing file: {path}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"corrupt array {path}: {err}") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_obj(obj: Any) -> str:
+    """Stable short hash of a JSON-serialisable object (params, manifests)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the working tree when there is one."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def environment() -> dict[str, str]:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "device": device}
+
+
+def write_manifest(out_dir: str | Path, stage: str, params: dict, inputs: dict[str, str],
+                   files: dict[str, str], extra: dict | None = None) -> dict:
+    """Write `out_dir/manifest.json`: what made these outputs, from what, and their checksums."""
+    manifest = {
+        "stage": stage,
+        "params": params,
+        "params_hash": hash_obj(params),
+        "inputs": inputs,
+        "files": files,
+        "code_version": code_version(),
+        "environment": environment(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    write_json(Path(out_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(out_dir: str | Path, stage: str) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{out_dir} has no {MANIFEST}: run the `{stage}` stage first")
+    manifest = read_json(path)
+    if manifest.get("stage") != stage:
+        raise InputError(f"{path} was written by stage {manifest.get('stage')!r}, expected {stage!r}")
+    return manifest
+
+
+def manifest_id(manifest: dict) -> str:
+    """Identity of a stage's outputs: the hash of their checksums and params."""
+    return hash_obj({"files": manifest["files"], "params_hash": manifest["params_hash"]})
+
+
+def verify_files(out_dir: str | Path, manifest: dict) -> None:
+    """Refuse outputs whose files are missing, truncated or changed since the manifest was written."""
+    for name, digest in manifest["files"].items():
+        path = Path(out_dir) / name
+        if not path.is_file():
+            raise InputError(f"missing file: {path}")
+        if sha256_file(path) != digest:
+            raise InputError(f"{path} does not match its manifest checksum (truncated or modified)")

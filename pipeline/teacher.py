@@ -1,0 +1,58 @@
+"""Get a teacher: train one on the prepared data, or adopt a given checkpoint after checking it fits the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from pipeline.checkpoint import load_model
+from pipeline.config import ModelParams, TeacherParams
+from pipeline.data import DeviceData, Prepared
+from pipeline.errors import InputError
+from pipeline.models import ModelSpec, build_model
+from pipeline.train import evaluate, fit, pick_device, prepare_model, summarise
+
+
+def spec_for(model: ModelParams, data: Prepared) -> ModelSpec:
+    h, w, c = data.image_shape
+    return ModelSpec(arch=model.arch, num_classes=data.num_classes, in_chans=c, image_size=h, width=model.width,
+                     pretrained=model.pretrained, timm_kwargs=dict(model.timm_kwargs))
+
+
+def device_splits(data: Prepared, device) -> tuple[DeviceData, DeviceData]:
+    mean, std = data.meta["mean"], data.meta["std"]
+    return (DeviceData(data.train_images, data.train_labels, mean, std, device),
+            DeviceData(data.test_images, data.test_labels, mean, std, device))
+
+
+def check_fits(spec: ModelSpec, data: Prepared, source: str) -> None:
+    h, _, c = data.image_shape
+    want = {"num_classes": data.num_classes, "in_chans": c, "image_size": h}
+    for key, value in want.items():
+        if getattr(spec, key) != value:
+            raise InputError(f"{source}: {key} is {getattr(spec, key)}, the prepared data needs {value}")
+
+
+def adopt_teacher(path: str | Path, data: Prepared, params: TeacherParams) -> tuple[nn.Module, ModelSpec, dict]:
+    """Load a given checkpoint and measure it on the test split."""
+    model, spec, _ = load_model(path)
+    check_fits(spec, data, str(path))
+    device = pick_device(params.device)
+    model = prepare_model(model, device)
+    _, test = device_splits(data, device)
+    return model, spec, evaluate(model, test, params.train.eval_batch_size)
+
+
+def train_teacher(data: Prepared, params: TeacherParams, seed: int, resume_path: Path | None,
+                  resume_key: str, **callbacks) -> tuple[nn.Module, ModelSpec, dict, list[dict]]:
+    import torch
+
+    spec = spec_for(params.model, data)
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    device = pick_device(params.device)
+    model = prepare_model(model, device)
+    train, test = device_splits(data, device)
+    state = fit(model, train, test, params.train, seed, resume_path, resume_key, **callbacks)
+    return model, spec, summarise(state.history), state.history

@@ -1,0 +1,190 @@
+"""Supervised training: optimiser and schedule recipes, one epoch, evaluation, and a resumable fit loop."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.checkpoint import load_torch, save_torch
+from pipeline.config import RecipeParams
+from pipeline.data import Augment, DeviceData
+from pipeline.layers import linearize
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from pipeline.errors import InputError
+            raise InputError("device: cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs; plain fp32 on the CPU so CPU runs stay exactly reproducible."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def classifier_params(model: nn.Module) -> set[int]:
+    """ids of the classifier's parameters: timm's `get_classifier()`, else the first Linear of the chain onwards."""
+    if hasattr(model, "get_classifier"):
+        return {id(p) for p in model.get_classifier().parameters()}
+    chain = linearize(model)
+    first = next((i for i, m in enumerate(chain) if isinstance(m, nn.Linear)), len(chain))
+    return {id(p) for m in chain[first:] for p in m.parameters()}
+
+
+def make_optimizer(model: nn.Module, recipe: RecipeParams) -> torch.optim.Optimizer:
+    head = classifier_params(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": recipe.lr * recipe.backbone_lr_scale},
+              {"params": [p for p in params if id(p) in head], "lr": recipe.lr}]
+    groups = [g for g in groups if g["params"]]
+    if recipe.recipe == "sgd_multistep":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: RecipeParams, steps_per_epoch: int):
+    """A scheduler stepped once per batch (OneCycle) or per epoch (MultiStep): see `per_batch`."""
+    if recipe.recipe == "sgd_multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.milestones, recipe.gamma)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], epochs=recipe.epochs,
+        steps_per_epoch=steps_per_epoch, pct_start=0.3, div_factor=25, final_div_factor=1e4,
+        anneal_strategy="cos")
+
+
+def per_batch(scheduler) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+
+
+def train_one_epoch(model, data: DeviceData, optimizer, scheduler, recipe: RecipeParams,
+                    generator: torch.Generator, on_step: Callable[[int], None] | None = None) -> dict:
+    """One pass over `data`; returns mean loss and accuracy (one host sync, at the end)."""
+    model.train()
+    device = data.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    augment = Augment() if recipe.augment else None
+    for _, x, y in data.batches(recipe.batch_size, shuffle=True, drop_last=True, generator=generator,
+                                augment=augment):
+        with autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if per_batch(scheduler):
+            scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if on_step:
+            on_step(len(y))
+    if not per_batch(scheduler):
+        scheduler.step()
+    loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(loss):
+        raise TrainingError(f"non-finite training loss ({loss}); lower the learning rate")
+    return {"train_loss": loss, "train_acc": correct.item() / max(seen, 1)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: DeviceData, batch_size: int) -> torch.Tensor:
+    model.eval()
+    out = []
+    for _, x, _ in data.batches(batch_size):
+        with autocast(data.device):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int) -> dict:
+    """Top-1 accuracy and mean cross-entropy on every sample of `data` (no partial batch dropped)."""
+    logits = predict_logits(model, data, batch_size)
+    return {"test_loss": F.cross_entropy(logits, data.labels).item(),
+            "test_acc": (logits.argmax(1) == data.labels).float().mean().item()}
+
+
+@dataclass
+class FitState:
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+
+
+def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipeParams, seed: int,
+        resume_path: Path | None = None, resume_key: str = "",
+        on_epoch_start: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> FitState:
+    """Train for `recipe.epochs`, evaluating after each epoch.
+
+    With `resume_path`, a checkpoint is written atomically after every epoch and a run started again with the
+    same `resume_key` continues from it; each epoch draws its randomness from (seed, epoch), so a resumed run
+    ends exactly where an uninterrupted one does (on the CPU).
+    """
+    optimizer = make_optimizer(model, recipe)
+    steps = train.steps(recipe.batch_size, drop_last=True)
+    if steps == 0:
+        from pipeline.errors import InputError
+        raise InputError(f"batch_size {recipe.batch_size} exceeds the {len(train)} training samples")
+    scheduler = make_scheduler(optimizer, recipe, steps)
+    state = FitState()
+    if resume_path is not None and resume_path.is_file():
+        saved = load_torch(resume_path)
+        if saved.get("resume_key") == resume_key:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            state = FitState(saved["epoch"], saved["history"])
+    for epoch in range(state.epoch, recipe.epochs):
+        if on_epoch_start:
+            on_epoch_start(epoch, steps)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout and other in-model randomness
+        start = time.perf_counter()
+        row = {"epoch": epoch + 1,
+               **train_one_epoch(model, train, optimizer, scheduler, recipe, generator, on_step)}
+        row["seconds"] = time.perf_counter() - start
+        row["img_per_s"] = steps * recipe.batch_size / row["seconds"]
+        row.update(evaluate(model, test, recipe.eval_batch_size))
+        state.epoch, state.history = epoch + 1, state.history + [row]
+        if resume_path is not None:
+            save_torch(resume_path, {"resume_key": resume_key, "epoch": state.epoch, "history": state.history,
+                                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict()})
+        if on_epoch:
+            on_epoch(row)
+    return state
+
+
+def summarise(history: list[dict]) -> dict:
+    """Last-epoch (headline) and best-epoch test accuracy, kept apart."""
+    best = max(history, key=lambda r: r["test_acc"])
+    last = history[-1]
+    return {"test_acc": last["test_acc"], "test_loss": last["test_loss"], "train_loss": last["train_loss"],
+            "best_test_acc": best["test_acc"], "best_epoch": best["epoch"], "epochs": last["epoch"],
+            "train_img_per_s": sum(r["img_per_s"] for r in history) / len(history),
+            "train_seconds": sum(r["seconds"] for r in history)}

@@ -1,0 +1,22 @@
+"""The `kd` command: one sub-command per pipeline stage. Heavy libraries load inside each command."""
+
+from __future__ import annotations
+
+import typer
+
+from stages.prepare import prepare
+from stages.teacher import teacher
+
+app = typer.Typer(
+    name="kd",
+    help="Logit-free feature knowledge distillation pipeline (Cooper et al., 2025), one command per DVC stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(prepare)
+app.command()(teacher)
+
+
+if __name__ == "__main__":
+    app()

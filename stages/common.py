@@ -1,0 +1,95 @@
+"""What every command shares: params options, one-line errors with exit code 2, progress display."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (one section per stage)")
+SetOpt = typer.Option(None, "--set", "-S", help="override a param, e.g. -S teacher.train.epochs=3 (repeatable)")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn the library's input and training errors into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import InputError
+
+        try:
+            return fn(*args, **kwargs)
+        except InputError as err:
+            fail(str(err), 2)
+        except Exception as err:
+            if type(err).__name__ == "TrainingError":
+                fail(str(err), 1)
+            raise
+
+    return wrapper
+
+
+def load(params: Path, overrides: Optional[list[str]]):
+    from pipeline.config import load_params
+
+    return load_params(params, overrides or [])
+
+
+class EpochProgress:
+    """Epoch and step progress with img/s: a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, title: str, epochs: int):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.title, self.epochs = title, epochs
+        self.live = self.console.is_terminal
+        self.progress = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                     console=self.console)
+            self.epoch_task = self.progress.add_task(f"{title} epochs", total=epochs, rate="")
+            self.step_task = self.progress.add_task("steps", total=1, rate="")
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    def epoch_start(self, epoch: int, steps: int) -> None:
+        self.images, self.started = 0, time.perf_counter()
+        if self.progress:
+            self.progress.update(self.epoch_task, completed=epoch)
+            self.progress.reset(self.step_task, total=steps, description=f"epoch {epoch + 1}", rate="")
+
+    def step(self, images: int) -> None:
+        self.images += images
+        if self.progress:
+            rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+            self.progress.update(self.step_task, advance=1, rate=f"{rate:,.0f} img/s")
+
+    def epoch_end(self, row: dict) -> None:
+        line = (f"{self.title} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f}  "
+                f"train acc {row['train_acc']:.4f}  test acc {row['test_acc']:.4f}  "
+                f"{row['img_per_s']:,.0f} img/s")
+        if self.progress:
+            self.progress.update(self.epoch_task, completed=row["epoch"])
+            self.progress.console.print(line)
+        else:
+            print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,76 @@
+"""Stage `teacher`: train the teacher (or adopt a given checkpoint) and record its metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import EpochProgress, ParamsOpt, SetOpt, guarded, load
+
+
+@guarded
+def teacher(
+    params: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    out: Path = typer.Option(Path("models/teacher"), help="output folder: model.pt and manifest.json"),
+    metrics: Path = typer.Option(Path("metrics/teacher.json"), help="final metrics JSON"),
+    live_dir: Path = typer.Option(Path("dvclive/teacher"), help="dvclive folder for per-epoch curves"),
+    resume_dir: Path = typer.Option(Path(".kd-resume"), help="per-epoch resume checkpoints (kept until success)"),
+) -> None:
+    """Train the teacher on the prepared data (params section `teacher`), resumable after a kill."""
+    cfg = load(params, overrides)
+    p = cfg.teacher
+    from pipeline.checkpoint import save_model
+    from pipeline.data import load_prepared
+    from pipeline.io import hash_obj, write_json, write_manifest
+    from pipeline.teacher import adopt_teacher, train_teacher
+
+    prepared = load_prepared(data)
+    section = {"seed": cfg.seed, **p.model_dump()}
+    if p.checkpoint:
+        model, spec, summary = adopt_teacher(p.checkpoint, prepared, p)
+        history = []
+    else:
+        key = hash_obj({"params": section, "data": prepared.data_id})
+        resume = resume_dir / f"teacher-{key}.pt"
+        with EpochProgress("teacher", p.train.epochs) as progress, _Live(live_dir) as live:
+            def on_epoch(row: dict) -> None:
+                progress.epoch_end(row)
+                live.log(row)
+
+            model, spec, summary, history = train_teacher(
+                prepared, p, cfg.seed, resume, key, on_epoch_start=progress.epoch_start,
+                on_step=progress.step, on_epoch=on_epoch)
+        resume.unlink(missing_ok=True)
+    save_model(out / "model.pt", model, spec, data_id=prepared.data_id, classes=prepared.meta["classes"],
+               mean=prepared.meta["mean"], std=prepared.meta["std"])
+    write_json(metrics, summary)
+    from pipeline.io import sha256_file
+
+    write_manifest(out, "teacher", section, inputs={"data": prepared.data_id},
+                   files={"model.pt": sha256_file(out / "model.pt")}, extra={"history": history})
+    typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")
+
+
+class _Live:
+    """dvclive logger for per-epoch curves; `dvc plots show` renders its TSV files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        from dvclive import Live
+
+        self.live = Live(str(self.path), save_dvc_exp=False, dvcyaml=None, report=None)
+        return self
+
+    def __exit__(self, *exc):
+        self.live.end()
+
+    def log(self, row: dict) -> None:
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "img_per_s"):
+            self.live.log_metric(key, row[key])
+        self.live.next_step()
