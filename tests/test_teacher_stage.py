@@ -1,0 +1,116 @@
+"""The `kd teacher` command on a tiny prepared dataset written in the real output format."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.checkpoint import load_model, save_model
+from pipeline.io import write_manifest
+from pipeline.models import ModelSpec, build_model
+from pipeline.prepare import save_prepared
+from pipeline.sources import RawData
+from stages.cli import app
+
+runner = CliRunner()
+
+
+def write_prepared(folder, n_train=96, n_test=48, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = np.arange(n) % classes
+        images = rng.integers(0, 50, size=(n, 8, 8, 1), dtype=np.uint8)
+        for i, y in enumerate(labels):  # class y lights up column band y
+            images[i, :, 2 * y:2 * y + 3] += 180
+        return images, labels.astype(np.int64)
+
+    raw = RawData(*split(n_train), *split(n_test), classes=[f"c{i}" for i in range(classes)])
+    _, files = save_prepared(raw, folder)
+    write_manifest(folder, "prepare", {"seed": seed}, inputs={}, files=files)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_prepared(tmp_path / "data")
+    params = {"teacher": {"model": {"arch": "resnet9", "width": 0.0625},
+                          "train": {"epochs": 3, "batch_size": 16, "lr": 0.01}, "device": "cpu"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def run_teacher(*extra):
+    return runner.invoke(app, ["teacher", "--data", "data", "--out", "teacher", "--metrics", "m.json",
+                               "--live-dir", "live", *extra])
+
+
+def test_trains_and_writes_checkpoint_metrics_curves(workdir):
+    result = run_teacher()
+    assert result.exit_code == 0, result.output
+    model, spec, info = load_model(workdir / "teacher/model.pt")
+    assert spec.arch == "resnet9" and spec.num_classes == 3 and spec.in_chans == 1 and spec.image_size == 8
+    assert info["classes"] == ["c0", "c1", "c2"] and len(info["mean"]) == 1
+    metrics = json.loads((workdir / "m.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["test_acc"] > 0.9
+    assert metrics["best_test_acc"] >= metrics["test_acc"]
+    manifest = json.loads((workdir / "teacher/manifest.json").read_text())
+    assert [r["epoch"] for r in manifest["history"]] == [1, 2, 3]
+    assert manifest["history"][-1]["test_acc"] == metrics["test_acc"]
+    curve = (workdir / "live/plots/metrics/test_acc.tsv").read_text().splitlines()
+    assert len(curve) == 4  # header + one row per epoch
+    assert not (workdir / ".kd-resume").exists() or not any((workdir / ".kd-resume").iterdir())
+
+
+def test_same_seed_same_result_on_cpu(workdir):
+    assert run_teacher().exit_code == 0
+    first = torch.load(workdir / "teacher/model.pt", weights_only=True)["state_dict"]
+    assert run_teacher().exit_code == 0
+    second = torch.load(workdir / "teacher/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_adopts_given_checkpoint_and_scores_it(workdir):
+    assert run_teacher().exit_code == 0
+    trained = json.loads((workdir / "m.json").read_text())
+    result = run_teacher("-S", "teacher.checkpoint=teacher/model.pt", "--out", "adopted")
+    assert result.exit_code == 0, result.output
+    adopted = json.loads((workdir / "m.json").read_text())
+    assert adopted["test_acc"] == pytest.approx(trained["test_acc"])
+
+
+def test_bad_checkpoints_exit_2_and_keep_outputs(workdir):
+    assert run_teacher().exit_code == 0
+    before = (workdir / "teacher/model.pt").read_bytes()
+    (workdir / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    result = run_teacher("-S", "teacher.checkpoint=garbage.pt")
+    assert result.exit_code == 2 and "corrupt or unreadable checkpoint garbage.pt" in result.output
+
+    wrong = build_model(ModelSpec("resnet9", num_classes=5, in_chans=1, image_size=8, width=0.0625))
+    save_model(workdir / "wrong.pt", wrong, ModelSpec("resnet9", 5, 1, 8, 0.0625))
+    result = run_teacher("-S", "teacher.checkpoint=wrong.pt")
+    assert result.exit_code == 2 and "num_classes is 5, the prepared data needs 3" in result.output
+
+    result = run_teacher("-S", "teacher.checkpoint=missing.pt")
+    assert result.exit_code == 2 and "missing checkpoint: missing.pt" in result.output
+    assert (workdir / "teacher/model.pt").read_bytes() == before
+
+
+def test_modified_data_is_refused(workdir):
+    with open(workdir / "data/train_labels.npy", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    result = run_teacher()
+    assert result.exit_code == 2
+    assert "train_labels.npy does not match its manifest checksum" in result.output
+    assert not (workdir / "teacher").exists()
+
+
+def test_nan_loss_exits_nonzero_with_one_line(workdir):
+    result = run_teacher("-S", "teacher.train.lr=1e30")
+    assert result.exit_code == 1
+    assert "non-finite training loss" in result.output
+    assert not (workdir / "teacher/model.pt").exists()
