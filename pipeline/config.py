@@ -60,10 +60,30 @@ class TeacherParams(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
 
 
+class ScoreParams(Section):
+    mode: Literal["reference", "corrected"] = Field(
+        "reference", description="reference: the paper's code AS CODED; corrected: its quirks fixed")
+    subset_a: PositiveInt = Field(5000, description="class-balanced subset A size (cosines, norms, distances)")
+    subset_b_per_class: PositiveInt = Field(500, description="subset B samples per class (class spectra)")
+    criterion: Literal["Q", "S", "I", "E", "sqrtIE"] = Field("Q", description="rank layers by this score")
+    k: PositiveInt = Field(4, description="layers to select: the number of distilled student layers")
+    layers: Optional[list[int]] = Field(None, description="explicit teacher layers, overriding the selection")
+    dtype: Literal["float64", "float32"] = Field("float64", description="precision of Gram and spectra")
+    batch_size: PositiveInt = Field(500, description="teacher forward batch size")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+class CacheParams(Section):
+    batch_size: PositiveInt = Field(500, description="teacher forward batch size")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
 class Params(Section):
     seed: int = Field(0, description="seed for subsets, initialisation, shuffling and augmentation")
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
+    score: ScoreParams = ScoreParams()
+    cache: CacheParams = CacheParams()
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -144,3 +144,13 @@ def verify_files(out_dir: str | Path, manifest: dict) -> None:
             raise InputError(f"missing file: {path}")
         if sha256_file(path) != digest:
             raise InputError(f"{path} does not match its manifest checksum (truncated or modified)")
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
+    import csv
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)

@@ -62,6 +62,13 @@ class LayerChain:
                 found[positions[i]] = x
         return [found[k] for k in wanted]
 
+    def advance(self, x: torch.Tensor, after: int | None, to: int) -> torch.Tensor:
+        """Output of layer `to` given the output of layer `after` (None: given the model input)."""
+        start = 0 if after is None else self.ends[self.index(after)] + 1
+        for module in self.modules[start:self.ends[self.index(to)] + 1]:
+            x = module(x)
+        return x
+
     def head(self, z: torch.Tensor, k: int) -> torch.Tensor:
         """The rest of the model applied to the output of layer k."""
         for module in self.modules[self.ends[self.index(k)] + 1:]:

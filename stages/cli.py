@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from stages.cache import cache
 from stages.prepare import prepare
+from stages.score import score
 from stages.teacher import teacher
 
 app = typer.Typer(
@@ -16,6 +18,8 @@ app = typer.Typer(
 )
 app.command()(prepare)
 app.command()(teacher)
+app.command()(score)
+app.command()(cache)
 
 
 if __name__ == "__main__":

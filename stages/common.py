@@ -93,3 +93,43 @@ class EpochProgress:
             self.progress.console.print(line)
         else:
             print(line, file=sys.stderr, flush=True)
+
+
+class TaskProgress:
+    """One bar over `total` items with a rate column (rich on a terminal, a final line otherwise)."""
+
+    def __init__(self, title: str, total: int, unit: str = "img"):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.title, self.total, self.unit = title, total, unit
+        self.done, self.progress = 0, None
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task(title, total=total, rate="")
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+        if exc[0] is None:
+            print(f"{self.title}: {self.done:,} {self.unit} at {self.rate():,.1f} {self.unit}/s", file=sys.stderr)
+
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.started, 1e-9)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.progress:
+            self.progress.update(self.task, advance=n, rate=f"{self.rate():,.0f} {self.unit}/s")
+
+    def note(self, line: str) -> None:
+        (self.progress.console.print if self.progress else lambda s: print(s, file=sys.stderr, flush=True))(line)

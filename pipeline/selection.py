@@ -1,0 +1,21 @@
+"""Which teacher layers to distil from: the quality metric's top-k, or an explicit list checked against the model."""
+
+from __future__ import annotations
+
+from pipeline.errors import InputError
+from pipeline.quality import select_layers
+
+
+def choose_layers(rows: list[dict], criterion: str, k: int, explicit: list[int] | None) -> tuple[list[int], str]:
+    """Return (layers sorted by depth, how they were chosen)."""
+    n = len(rows)
+    if explicit is not None:
+        bad = [i for i in explicit if not 0 <= i < n]
+        if bad:
+            raise InputError(f"score.layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+        if len(set(explicit)) != len(explicit):
+            raise InputError(f"score.layers {explicit} repeats a layer")
+        return sorted(explicit), "params"
+    if k > n:
+        raise InputError(f"score.k is {k} but the teacher has only {n} layers")
+    return select_layers(rows, criterion, k), f"top-{k} by {criterion}"

@@ -1,0 +1,47 @@
+"""Stage `cache`: features of the selected teacher layers for the whole training split, as float16 arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import ParamsOpt, SetOpt, TaskProgress, guarded, load
+
+
+@guarded
+def cache(
+    params: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selection.json)"),
+    out: Path = typer.Option(Path("cache/teacher"), help="output folder: layer_<k>.npy and manifest.json"),
+) -> None:
+    """Cache the selected teacher layers' features (eval mode, no augmentation) for every training image."""
+    cfg = load(params, overrides)
+    p = cfg.cache
+    from pipeline.cache import DTYPE, write_cache
+    from pipeline.data import load_prepared
+    from pipeline.errors import InputError
+    from pipeline.io import read_json, read_manifest, verify_files, write_manifest
+    from pipeline.teacher import load_teacher
+    from pipeline.train import pick_device, prepare_model
+
+    prepared = load_prepared(data)
+    model, spec, teacher_id = load_teacher(teacher_dir, prepared)
+    score_manifest = read_manifest(scores, "score")
+    verify_files(scores, score_manifest)
+    if score_manifest["inputs"].get("teacher") != teacher_id:
+        raise InputError(f"{scores} scored another teacher: rerun the score stage")
+    layers = read_json(scores / "selection.json")["layers"]
+    device = pick_device(p.device)
+    model = prepare_model(model, device)
+    with TaskProgress("cache", len(prepared.train_labels)) as progress:
+        files, shapes = write_cache(model, prepared, layers, device, p.batch_size, out, progress.advance)
+    write_manifest(out, "cache", {"seed": cfg.seed, **p.model_dump()},
+                   inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files,
+                   extra={"layers": layers, "shapes": shapes, "dtype": str(DTYPE.__name__),
+                          "num_samples": len(prepared.train_labels)})
+    typer.echo(f"cached teacher layers {layers} for {len(prepared.train_labels)} images -> {out}")

@@ -1,0 +1,60 @@
+"""Stage `score`: knowledge quality (S, I, E, Q) of every teacher layer and the automatic layer selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import ParamsOpt, SetOpt, TaskProgress, guarded, load
+
+COLUMNS = ["layer", "S", "I", "E", "Q", "sqrtIE", "dims", "mean_min_intra", "mean_entropy", "M", "r", "K",
+           "n_a", "n_b"]
+
+
+@guarded
+def score(
+    params: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    out: Path = typer.Option(Path("scores"), help="output folder: layers.json/.csv, selection.json, manifest"),
+) -> None:
+    """Score every teacher layer on the training split (params section `score`) and select the layers to distil."""
+    cfg = load(params, overrides)
+    p = cfg.score
+    import torch
+
+    from pipeline.data import load_prepared
+    from pipeline.io import sha256_file, write_csv, write_json, write_manifest
+    from pipeline.layers import layer_view
+    from pipeline.scoring import score_layers
+    from pipeline.selection import choose_layers
+    from pipeline.teacher import load_teacher
+    from pipeline.train import pick_device, prepare_model
+
+    prepared = load_prepared(data)
+    model, spec, teacher_id = load_teacher(teacher_dir, prepared)
+    if p.layers is not None:  # validate the override before spending time on scoring
+        choose_layers([{}] * len(layer_view(model)), p.criterion, p.k, p.layers)
+    device = pick_device(p.device)
+    model = prepare_model(model, device)
+    with TaskProgress("score", len(layer_view(model)), unit="layers") as progress:
+        def on_layer(row: dict) -> None:
+            progress.advance()
+            progress.note(f"layer {row['layer']:>2} {str(row['shape']):<16} S {row['S']:.4f}  I {row['I']:.4f}  "
+                          f"E {row['E']:.4f}  Q {row['Q']:.4f}")
+
+        rows = score_layers(model, prepared, device, p.mode, p.subset_a, p.subset_b_per_class, cfg.seed,
+                            p.batch_size, getattr(torch, p.dtype), on_layer)
+    layers, how = choose_layers(rows, p.criterion, p.k, p.layers)
+    selection = {"layers": layers, "chosen_by": how, "criterion": p.criterion, "mode": p.mode,
+                 "teacher_arch": spec.arch, "num_teacher_layers": len(rows)}
+    write_json(out / "layers.json", rows)
+    write_csv(out / "layers.csv", rows, COLUMNS)
+    write_json(out / "selection.json", selection)
+    files = {name: sha256_file(out / name) for name in ("layers.json", "layers.csv", "selection.json")}
+    write_manifest(out, "score", {"seed": cfg.seed, **p.model_dump()},
+                   inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files)
+    typer.echo(f"selected teacher layers {layers} ({how}) of {spec.arch} -> {out / 'selection.json'}")
