@@ -92,7 +92,7 @@ def information(spectra: torch.Tensor, mean_min_intra: float, mode: str) -> tupl
     else:  # corrected: the mean class count, and the entropy of W equal ratios as the normaliser
         kept = max(1, round(m.float().mean().item()))
         normaliser = math.log(width)
-    q = spectra[:, :kept]
+    q = spectra[:, :kept].double()  # float64 so the 1e-127 guard below does not underflow to 0
     q = torch.where(q == 0, torch.full_like(q, 1e-127), q)
     q = q / q.sum(1, keepdim=True)
     entropy = -(q * q.log()).sum(1)

@@ -2,35 +2,17 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
 from pipeline.checkpoint import load_model, save_model
-from pipeline.io import write_manifest
 from pipeline.models import ModelSpec, build_model
-from pipeline.prepare import save_prepared
-from pipeline.sources import RawData
 from stages.cli import app
+from tiny import write_prepared
 
 runner = CliRunner()
-
-
-def write_prepared(folder, n_train=96, n_test=48, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        labels = np.arange(n) % classes
-        images = rng.integers(0, 50, size=(n, 8, 8, 1), dtype=np.uint8)
-        for i, y in enumerate(labels):  # class y lights up column band y
-            images[i, :, 2 * y:2 * y + 3] += 180
-        return images, labels.astype(np.int64)
-
-    raw = RawData(*split(n_train), *split(n_test), classes=[f"c{i}" for i in range(classes)])
-    _, files = save_prepared(raw, folder)
-    write_manifest(folder, "prepare", {"seed": seed}, inputs={}, files=files)
 
 
 @pytest.fixture

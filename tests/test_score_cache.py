@@ -1,0 +1,154 @@
+"""`kd score` and `kd cache` on a tiny trained ResNet-34 teacher; streaming, selection, cache integrity."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cache import load_cache, write_cache
+from pipeline.data import DeviceData, load_prepared
+from pipeline.errors import InputError
+from pipeline.features import stream_layers
+from pipeline.io import read_manifest
+from pipeline.layers import layer_view
+from pipeline.quality import select_layers
+from pipeline.teacher import load_teacher
+from stages.cli import app
+from tiny import write_prepared
+
+runner = CliRunner()
+PARAMS = {
+    "teacher": {"model": {"arch": "resnet34", "width": 0.0625},
+                "train": {"epochs": 1, "batch_size": 16}, "device": "cpu"},
+    "score": {"subset_a": 48, "subset_b_per_class": 10, "batch_size": 40, "device": "cpu"},
+    "cache": {"batch_size": 40, "device": "cpu"},
+}
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    write_prepared(root / "data")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    result = invoke("teacher", "-p", str(root / "params.yaml"), "--data", str(root / "data"),
+                    "--out", str(root / "teacher"), "--metrics", str(root / "m.json"),
+                    "--live-dir", str(root / "live"), "--resume-dir", str(root / "resume"))
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def score(root, *extra, out="scores"):
+    return invoke("score", "-p", str(root / "params.yaml"), "--data", str(root / "data"),
+                  "--teacher", str(root / "teacher"), "--out", str(root / out), *extra)
+
+
+def cache(root, *extra, scores="scores", out="cache"):
+    return invoke("cache", "-p", str(root / "params.yaml"), "--data", str(root / "data"),
+                  "--teacher", str(root / "teacher"), "--scores", str(root / scores), "--out", str(root / out),
+                  *extra)
+
+
+def test_score_writes_table_and_selects_top_q(trained):
+    result = score(trained)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((trained / "scores/layers.json").read_text())
+    assert [r["layer"] for r in rows] == list(range(18))
+    assert rows[0]["shape"] == [4, 8, 8] and rows[17]["shape"] == [32]
+    assert all(r["n_a"] == 48 and r["n_b"] == 30 for r in rows)
+    for r in rows:
+        assert r["Q"] == pytest.approx(r["S"] + np.sqrt(r["I"] * r["E"]))
+    selection = json.loads((trained / "scores/selection.json").read_text())
+    assert selection["layers"] == select_layers(rows, "Q", 4) and selection["chosen_by"] == "top-4 by Q"
+    csv = (trained / "scores/layers.csv").read_text().splitlines()
+    assert csv[0].startswith("layer,S,I,E,Q") and len(csv) == 19
+
+
+def test_score_criterion_and_override(trained):
+    assert score(trained, "-S", "score.criterion=S", "-S", "score.k=3", out="by_s").exit_code == 0
+    rows = json.loads((trained / "by_s/layers.json").read_text())
+    assert json.loads((trained / "by_s/selection.json").read_text())["layers"] == select_layers(rows, "S", 3)
+    result = score(trained, "-S", "score.layers=[9, 2, 5]", out="given")
+    assert result.exit_code == 0, result.output
+    assert json.loads((trained / "given/selection.json").read_text())["layers"] == [2, 5, 9]
+
+
+def test_bad_override_exits_2_before_work(trained):
+    result = score(trained, "-S", "score.layers=[0, 18]", out="bad")
+    assert result.exit_code == 2
+    assert "score.layers [18] out of range: the teacher has 18 layers" in result.output
+    assert not (trained / "bad").exists()
+
+
+def test_streaming_equals_direct_forward(trained):
+    data = load_prepared(trained / "data")
+    model, _, _ = load_teacher(trained / "teacher", data)
+    split = DeviceData(data.train_images, data.train_labels, data.meta["mean"], data.meta["std"],
+                       torch.device("cpu"))
+    ids = torch.tensor([5, 0, 17, 33, 90])
+    x = split.normalise(split.images[ids])
+    view = layer_view(model)
+    seen = []
+    for k, feats in stream_layers(model, split, ids, batch_size=2):
+        with torch.no_grad():
+            assert torch.allclose(feats, view.collect(x, [k])[0], atol=1e-5), k
+        seen.append(k)
+    assert seen == list(range(18))
+
+
+def test_cache_round_trip_and_refusals(trained):
+    assert score(trained).exit_code == 0
+    result = cache(trained)
+    assert result.exit_code == 0, result.output
+    data = load_prepared(trained / "data")
+    model, _, teacher_id = load_teacher(trained / "teacher", data)
+    layers = json.loads((trained / "scores/selection.json").read_text())["layers"]
+    cached = load_cache(trained / "cache", teacher_id, data.data_id, layers)
+    split = DeviceData(data.train_images, data.train_labels, data.meta["mean"], data.meta["std"],
+                       torch.device("cpu"))
+    with torch.no_grad():
+        fresh = layer_view(model).collect(split.normalise(split.images), layers)
+    for array, want in zip(cached, fresh):
+        assert array.dtype == np.float16 and array.shape == tuple(want.shape)
+        np.testing.assert_allclose(array.astype(np.float32), want.numpy(), rtol=2e-3, atol=2e-3)
+
+    with pytest.raises(InputError, match="made from another teacher"):
+        load_cache(trained / "cache", "other", data.data_id, layers)
+    with pytest.raises(InputError, match="made from another data"):
+        load_cache(trained / "cache", teacher_id, "other", layers)
+    missing = next(k for k in range(18) if k not in layers)
+    with pytest.raises(InputError, match=rf"not \[{missing}\]"):
+        load_cache(trained / "cache", teacher_id, data.data_id, [missing])
+
+    path = trained / "cache" / f"layer_{layers[0]}.npy"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(InputError, match="does not match its manifest checksum"):
+        load_cache(trained / "cache", teacher_id, data.data_id, layers)
+
+
+def test_killed_cache_leaves_no_complete_looking_array(trained, tmp_path):
+    data = load_prepared(trained / "data")
+    model, _, _ = load_teacher(trained / "teacher", data)
+
+    def kill(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(model, data, [3, 7], torch.device("cpu"), 40, tmp_path / "c", on_batch=kill)
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_cache_refuses_scores_of_another_teacher(trained):
+    assert score(trained, out="scores_old").exit_code == 0
+    manifest = read_manifest(trained / "scores_old", "score")
+    manifest["inputs"]["teacher"] = "0" * 16
+    (trained / "scores_old/manifest.json").write_text(json.dumps(manifest))
+    result = cache(trained, scores="scores_old", out="cache_old")
+    assert result.exit_code == 2 and "scored another teacher" in result.output
