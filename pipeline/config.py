@@ -53,8 +53,12 @@ class RecipeParams(Section):
     eval_batch_size: PositiveInt = Field(1024, description="batch size for evaluation")
 
 
+class TeacherModelParams(ModelParams):
+    arch: str = Field("resnet34", description=ModelParams.model_fields["arch"].description)
+
+
 class TeacherParams(Section):
-    model: ModelParams = ModelParams(arch="resnet34")
+    model: TeacherModelParams = TeacherModelParams()
     train: RecipeParams = RecipeParams()
     checkpoint: Optional[str] = Field(None, description="load this teacher checkpoint instead of training one")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
@@ -97,7 +101,8 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a typo explains the rest
+    first = errors[0]
     where = ".".join(str(p) for p in first["loc"]) or "params"
     what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
@@ -121,7 +126,11 @@ def load_params(path: str | Path | None, overrides: list[str] = ()) -> Params:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InputError(f"override {item!r} is not key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise InputError(f"override {item!r}: the value is not valid YAML") from None
+        _set_dotted(tree, key.strip(), value)
     try:
         return Params.model_validate(tree)
     except ValidationError as err:

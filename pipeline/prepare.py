@@ -17,6 +17,8 @@ def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Sorted indices of `size // C` random samples of each of the C classes."""
     classes = np.unique(labels)
     per_class = size // len(classes)
+    if per_class == 0:
+        raise InputError(f"subset of {size} is smaller than the {len(classes)} classes: no sample per class")
     rng = np.random.default_rng(seed)
     picks = []
     for c in classes:
@@ -60,16 +62,16 @@ def fit_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images scaled to [0, 1] (float64 accumulation)."""
+    """Per-channel mean and std of uint8 NHWC images scaled to [0, 1] (two float64 passes, exact for constants)."""
     c = images.shape[-1]
-    total, total_sq, count = np.zeros(c), np.zeros(c), 0
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].reshape(-1, c).astype(np.float64) / 255.0
-        total += x.sum(0)
-        total_sq += (x * x).sum(0)
-        count += len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+
+    def chunks():
+        for start in range(0, len(images), chunk):
+            yield images[start:start + chunk].reshape(-1, c).astype(np.float64) / 255.0
+
+    count = len(images) * images[0].size // c
+    mean = sum(x.sum(0) for x in chunks()) / count
+    std = np.sqrt(sum(((x - mean) ** 2).sum(0) for x in chunks()) / count)
     return mean.tolist(), std.tolist()
 
 
@@ -81,6 +83,9 @@ def transform(raw: RawData, image_size: int, resize_mode: str, channels: int | N
     splits = {}
     for name, images, labels, subset in (("train", raw.train_images, raw.train_labels, train_subset),
                                           ("test", raw.test_images, raw.test_labels, test_subset)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(raw.classes)):
+            raise InputError(f"{name} labels span {labels.min()}..{labels.max()}, "
+                             f"outside 0..{len(raw.classes) - 1} for {len(raw.classes)} classes")
         missing = set(range(len(raw.classes))) - set(np.unique(labels).tolist())
         if missing:
             raise InputError(f"{name} split has no samples of class(es) {sorted(missing)}")

@@ -9,6 +9,8 @@ import gzip
 import pickle
 import struct
 import tarfile
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +45,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise InputError(f"cannot read idx file {path}: {err}") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _IDX_DTYPES:
         raise InputError(f"{path} is not an unsigned-byte idx file")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise InputError(f"{path}: idx header is truncated")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise InputError(f"{path} holds {body.size} values, its header says {dims}")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # frombuffer arrays are read-only
 
 
 def _find_idx(root: Path, stem: str) -> Path:
@@ -70,7 +74,7 @@ def read_fashion_mnist(root: str | Path) -> RawData:
     for name, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-        if images.ndim != 3 or len(images) != len(labels):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise InputError(f"{root}: {name} images {images.shape} do not match labels {labels.shape}")
         split[name] = (images[..., None], labels)
     return RawData(*split["train"], *split["test"], classes=list(FASHION_MNIST_CLASSES))
@@ -116,6 +120,8 @@ def _cifar_split(folder: Path, files: list[str], label_key: bytes) -> tuple[np.n
     images, labels = [], []
     for name in files:
         batch = _unpickle(folder / name)
+        if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+            raise InputError(f"{folder / name} is not a CIFAR batch (needs keys data and {label_key.decode()})")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[label_key]):
             raise InputError(f"{folder / name}: data {data.shape} is not N x 3072 with one label per row")
@@ -140,12 +146,18 @@ def read_cifar(root: str | Path, name: str) -> RawData:
 
 def _extract(archive: Path) -> Path:
     target = archive.parent / (archive.name.split(".tar")[0].split(".tgz")[0] + "_extracted")
-    if not target.is_dir():
+    if not target.is_dir():  # extract beside, rename when complete: a failed run leaves no partial folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=archive.parent))
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(target, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as err:
+                tar.extractall(tmp, filter="data")
+            tmp.rename(target)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
             raise InputError(f"cannot extract {archive}: {err}") from None
+        finally:
+            if tmp.exists():
+                import shutil
+                shutil.rmtree(tmp)
     return target
 
 

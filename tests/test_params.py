@@ -1,0 +1,273 @@
+"""Typed params (pipeline/config.py) and the command line's handling of them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from pipeline.config import load_params
+from pipeline.errors import InputError
+from stages.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def write(tmp_path, text, name="params.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- defaults ----------------------------------------------------------------------------------
+
+
+def test_defaults_without_a_file():
+    p = load_params(None)
+    assert p.seed == 0
+    assert p.prepare.source == "fashion-mnist" and p.prepare.root is None
+    assert p.prepare.cache_dir == "data/download" and p.prepare.image_size == 32
+    assert p.prepare.resize_mode == "pad" and p.prepare.channels is None
+    assert p.prepare.train_subset is None and p.prepare.test_subset is None and p.prepare.test_fraction == 0.2
+    m, t = p.teacher.model, p.teacher.train
+    assert m.arch == "resnet34" and m.width == 1.0 and m.pretrained is False and m.timm_kwargs == {}
+    assert t.recipe == "adamw_onecycle" and t.epochs == 50 and t.batch_size == 128
+    assert t.lr == 0.01 and t.weight_decay == 0.01 and t.milestones == [150, 180, 210] and t.gamma == 0.1
+    assert t.augment is False and t.eval_batch_size == 1024
+    assert p.teacher.checkpoint is None and p.teacher.device == "auto"
+
+
+def test_empty_file_and_partial_sections_keep_defaults(tmp_path):
+    assert load_params(write(tmp_path, "")) == load_params(None)
+    p = load_params(write(tmp_path, "prepare:\n  image_size: 28\nteacher:\n  train:\n    epochs: 3\n"))
+    assert p.prepare.image_size == 28 and p.prepare.source == "fashion-mnist" and p.prepare.resize_mode == "pad"
+    assert p.teacher.train.epochs == 3 and p.teacher.train.batch_size == 128 and p.teacher.model.arch == "resnet34"
+
+
+def test_repository_params_file_validates_and_round_trips():
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    dumped = load_params(REPO / "params.yaml").model_dump()
+
+    def check(node, values, where):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                check(value, values[key], f"{where}{key}.")
+            else:
+                assert values[key] == value, f"{where}{key}"
+
+    check(tree, dumped, "")
+
+
+def test_params_are_frozen():
+    p = load_params(None)
+    with pytest.raises(ValidationError):
+        p.prepare.image_size = 64
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+def test_overrides_dotted_keys_yaml_typed(tmp_path):
+    path = write(tmp_path, "seed: 3\nprepare:\n  root: /data/x\n  image_size: 28\nteacher:\n  model:\n"
+                           "    arch: resnet9\n")
+    p = load_params(path, ["seed=7", "prepare.channels=3", "prepare.root=null", "prepare.train_subset=500",
+                           "teacher.train.milestones=[10, 20]", "teacher.train.augment=true",
+                           "teacher.train.lr=0.5", "teacher.model.timm_kwargs={drop_rate: 0.1, global_pool: avg}",
+                           "teacher.checkpoint=models/t.pt", "teacher.model.width = 0.25"])
+    assert p.seed == 7 and p.prepare.channels == 3 and p.prepare.root is None
+    assert p.prepare.train_subset == 500 and p.prepare.image_size == 28  # file value kept where not overridden
+    assert p.teacher.train.milestones == [10, 20] and p.teacher.train.augment is True
+    assert p.teacher.train.lr == 0.5 and p.teacher.model.width == 0.25 and p.teacher.model.arch == "resnet9"
+    assert p.teacher.model.timm_kwargs == {"drop_rate": 0.1, "global_pool": "avg"}
+    assert p.teacher.checkpoint == "models/t.pt"
+
+
+def test_overrides_apply_in_order_and_quote_strings():
+    p = load_params(None, ["seed=1", "seed=2", "prepare.root='123'", "prepare.cache_dir=a=b"])
+    assert p.seed == 2
+    assert p.prepare.root == "123"  # quoted: a string, not the int 123
+    assert p.prepare.cache_dir == "a=b"  # only the first '=' splits
+
+
+def test_override_new_section_on_defaults():
+    p = load_params(None, ["teacher.train.epochs=2", "prepare.source=cifar10"])
+    assert p.teacher.train.epochs == 2 and p.teacher.train.batch_size == 128 and p.prepare.source == "cifar10"
+
+
+def test_override_one_model_key_on_defaults():
+    p = load_params(None, ["teacher.model.width=0.5"])
+    assert p.teacher.model.arch == "resnet34" and p.teacher.model.width == 0.5
+
+
+@pytest.mark.parametrize("item", ["seed", "prepare.root", "=5", ""])
+def test_override_without_key_value(item):
+    with pytest.raises(InputError, match="is not key=value"):
+        load_params(None, [item])
+
+
+def test_override_into_a_scalar(tmp_path):
+    with pytest.raises(InputError, match="override seed.x: seed is not a section"):
+        load_params(write(tmp_path, "seed: 3\n"), ["seed.x=1"])
+
+
+@pytest.mark.parametrize("item", ["prepare.root=[unclosed", "prepare.root=a: b: c"])
+def test_override_value_not_yaml(item):
+    with pytest.raises(InputError, match="prepare.root"):
+        load_params(None, [item])
+
+
+# --- validation errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("bogus: 1\n", [], "params: bogus: unknown key"),
+    ("prepare:\n  rooot: /x\n", [], "params: prepare.rooot: unknown key"),
+    ("teacher:\n  model:\n    arch: resnet9\n    depth: 3\n", [], "params: teacher.model.depth: unknown key"),
+    ("teacher:\n  model:\n    arch: resnet9\n", ["teacher.train.epoch=3"], "params: teacher.train.epoch: unknown key"),
+    ("", ["teacher.nested.deeper.key=1"], "params: teacher.nested: unknown key"),
+])
+def test_unknown_key_is_named(tmp_path, text, overrides, message):
+    with pytest.raises(InputError) as err:
+        load_params(write(tmp_path, text), overrides)
+    assert str(err.value) == message
+
+
+def test_several_errors_are_counted_in_one_line(tmp_path):
+    with pytest.raises(InputError) as err:
+        load_params(write(tmp_path, "bogus: 1\nprepare:\n  also_bogus: 2\n  image_size: x\n"))
+    message = str(err.value)
+    assert message.startswith("params: ") and message.endswith("(and 2 more)") and "\n" not in message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prepare:\n  image_size: big\n", "params: prepare.image_size: Input should be a valid integer"),
+    ("prepare:\n  image_size: 4\n", "params: prepare.image_size: Input should be greater than or equal to 8"),
+    ("prepare:\n  resize_mode: crop\n", "params: prepare.resize_mode: Input should be 'pad' or 'resize'"),
+    ("prepare:\n  channels: 2\n", "params: prepare.channels: Input should be 1 or 3"),
+    ("prepare:\n  source: svhn\n", "params: prepare.source: Input should be"),
+    ("prepare:\n  test_fraction: 1.0\n", "params: prepare.test_fraction: Input should be less than 1"),
+    ("prepare:\n  train_subset: 0\n", "params: prepare.train_subset: Input should be greater than 0"),
+    ("teacher:\n  train:\n    epochs: -1\n", "params: teacher.train.epochs: Input should be greater than 0"),
+    ("teacher:\n  train:\n    milestones: 5\n", "params: teacher.train.milestones: Input should be a valid list"),
+    ("teacher:\n  device: tpu\n", "params: teacher.device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ("seed: 1.5\n", "params: seed: Input should be a valid integer"),
+    ("prepare: 5\n", "params: prepare: Input should be a valid dictionary"),
+])
+def test_wrong_type(tmp_path, text, message):
+    with pytest.raises(InputError) as err:
+        load_params(write(tmp_path, text))
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_missing_file_not_a_mapping(tmp_path):
+    with pytest.raises(InputError, match=r"params file .*bad\.yaml is not valid YAML") as err:
+        load_params(write(tmp_path, "prepare: [unclosed\n  root: x\n", "bad.yaml"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match=r"params file not found: .*nope\.yaml"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(InputError, match="must hold a mapping of sections"):
+        load_params(write(tmp_path, "- a\n- b\n", "list.yaml"))
+
+
+# --- through the command line --------------------------------------------------------------------
+
+
+def one_line_error(result):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["prepare", "teacher"])
+def test_cli_bad_params_file(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "prepare: [unclosed\n", "bad.yaml")
+    line = one_line_error(runner.invoke(app, [command, "-p", "bad.yaml", "--out", "out"]))
+    assert line.startswith("error: params file bad.yaml is not valid YAML")
+    write(tmp_path, "teacher:\n  train:\n    epochz: 3\n", "typo.yaml")
+    line = one_line_error(runner.invoke(app, [command, "--params", "typo.yaml", "--out", "out"]))
+    assert line == "error: params: teacher.train.epochz: unknown key"
+    line = one_line_error(runner.invoke(app, [command, "-p", "missing.yaml", "--out", "out"]))
+    assert line == "error: params file not found: missing.yaml"
+    line = one_line_error(runner.invoke(app, [command, "-p", "typo.yaml", "-S", "seed", "--out", "out"]))
+    assert line == "error: override 'seed' is not key=value"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "typo.yaml"]  # nothing written
+
+
+def test_cli_default_params_file_is_params_yaml_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(runner.invoke(app, ["prepare", "--out", "out"]))
+    assert line == "error: params file not found: params.yaml"
+
+
+def test_cli_override_value_not_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "seed: 0\n")
+    one_line_error(runner.invoke(app, ["prepare", "-S", "prepare.root=[x", "--out", "out"]))
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = ("import sys, stages.cli, pipeline.config, pipeline.sources, pipeline.prepare\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "assert 'torchvision' not in sys.modules, 'torchvision imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+HELP_ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+
+
+def command_options():
+    """Every sub-command of `kd` with the option strings click knows for it."""
+    group = typer.main.get_command(app)
+    return {name: [opt for param in cmd.params for opt in (*param.opts, *param.secondary_opts)]
+            for name, cmd in group.commands.items()}
+
+
+def test_kd_help_lists_commands():
+    result = runner.invoke(app, ["--help"], env=HELP_ENV)
+    assert result.exit_code == 0
+    for word in ("prepare", "teacher", "--help", "Logit-free feature knowledge distillation", *command_options()):
+        assert word in result.output, word
+
+
+def test_every_command_help_mentions_all_its_options():
+    commands = command_options()
+    assert {"prepare", "teacher"} <= set(commands)
+    for name, options in commands.items():
+        result = runner.invoke(app, [name, "--help"], env=HELP_ENV)
+        assert result.exit_code == 0, (name, result.output)
+        assert "--params" in options and "--set" in options, name
+        for option in options:
+            assert option in result.output, (name, option)
+
+
+@pytest.mark.parametrize("command, options", [
+    ("prepare", ["--params", "-p", "--set", "-S", "--out", "--help"]),
+    ("teacher", ["--params", "-p", "--set", "-S", "--data", "--out", "--metrics", "--live-dir", "--resume-dir",
+                 "--help"]),
+])
+def test_command_help_mentions_every_option(command, options):
+    result = runner.invoke(app, [command, "--help"], env=HELP_ENV)
+    assert result.exit_code == 0, result.output
+    for option in options:
+        assert option in result.output, option
+    assert "params file" in result.output and "override a param" in result.output
+
+
+def test_kd_console_script_help():
+    kd = Path(sys.executable).parent / "kd"
+    if not kd.is_file():
+        pytest.skip("the kd console script is not installed in this environment")
+    done = subprocess.run([str(kd), "prepare", "--help"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": str(kd.parent), "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "--params" in done.stdout and "--out" in done.stdout and "--set" in done.stdout
