@@ -12,49 +12,86 @@ from torch import nn
 
 from pipeline.data import DeviceData, Prepared
 from pipeline.errors import InputError
-from pipeline.features import extract
+from pipeline.features import extract, features_and_logits
 from pipeline.io import atomic_path, read_manifest, sha256_file, verify_files
+from pipeline.train import autocast
 
 DTYPE = np.float16
+
+
+LOGITS = "logits.npy"
 
 
 def layer_file(layer: int) -> str:
     return f"layer_{layer}.npy"
 
 
+class ChannelStats:
+    """Running per-channel mean and std (float64) of features; channels are dim 1, or the last dim of tokens."""
+
+    def __init__(self):
+        self.sum = self.sq = None
+        self.count = 0
+
+    def update(self, f: torch.Tensor) -> None:
+        f = f.double()
+        f = f.reshape(-1, f.shape[-1]) if f.dim() == 3 else f.transpose(0, 1).reshape(f.shape[1], -1).T
+        s, q = f.sum(0), (f * f).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sq = q if self.sq is None else self.sq + q
+        self.count += len(f)
+
+    def result(self) -> dict:
+        mean = self.sum / self.count
+        std = (self.sq / self.count - mean * mean).clamp_min(0).sqrt()
+        return {"mean": mean.tolist(), "std": std.tolist()}
+
+
 def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,
-                out_dir: str | Path, on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict]:
-    """Write the features; return (file checksums, layer shapes). Files appear only once complete."""
+                out_dir: str | Path, on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict, dict]:
+    """Write features of `layers` and the logits; return (file checksums, layer shapes, per-channel stats).
+
+    Files appear only once complete.
+    """
     out_dir = Path(out_dir)
+    layers = sorted(set(layers))
     train = DeviceData(data.train_images, data.train_labels, data.meta["mean"], data.meta["std"], device)
     n = len(train)
     with torch.no_grad():
         model.eval()
-        from pipeline.layers import layer_view
-        from pipeline.train import autocast
-
         with autocast(device):
-            probe = layer_view(model).collect(train.normalise(train.images[:1]), layers)
+            probe, logits = features_and_logits(model, train.normalise(train.images[:1]), layers)
     shapes = {k: list(f.shape[1:]) for k, f in zip(layers, probe)}
+    stats = {k: ChannelStats() for k in layers}
+    names = {k: layer_file(k) for k in layers} | {"logits": LOGITS}
     with contextlib.ExitStack() as stack:
-        tmps = {k: stack.enter_context(atomic_path(out_dir / layer_file(k))) for k in dict.fromkeys(layers)}
+        tmps = {k: stack.enter_context(atomic_path(out_dir / name)) for k, name in names.items()}
         arrays = {k: np.lib.format.open_memmap(tmps[k], mode="w+", dtype=DTYPE, shape=(n, *shapes[k]))
-                  for k in tmps}
+                  for k in layers}
+        arrays["logits"] = np.lib.format.open_memmap(tmps["logits"], mode="w+", dtype=np.float32,
+                                                     shape=(n, logits.shape[1]))
 
-        def sink(start: int, ids: torch.Tensor, feats: list[torch.Tensor]) -> None:
+        def sink(start: int, feats: list[torch.Tensor], logits: torch.Tensor) -> None:
+            stop = start + len(logits)
             for k, f in zip(layers, feats):
-                arrays[k][start:start + len(ids)] = f.to(torch.float16).cpu().numpy()
+                arrays[k][start:stop] = f.to(torch.float16).cpu().numpy()
+                stats[k].update(f)
+            arrays["logits"][start:stop] = logits.float().cpu().numpy()
 
         extract(model, train, layers, batch_size, sink, on_batch)
         for array in arrays.values():
             array.flush()
         del arrays
-    files = {layer_file(k): sha256_file(out_dir / layer_file(k)) for k in dict.fromkeys(layers)}
-    return files, {str(k): shapes[k] for k in shapes}
+    files = {name: sha256_file(out_dir / name) for name in names.values()}
+    return files, {str(k): shapes[k] for k in layers}, {str(k): stats[k].result() for k in layers}
 
 
-def load_cache(cache_dir: str | Path, teacher_id: str, data_id: str, layers: list[int]) -> list[np.ndarray]:
-    """Memory-mapped features of `layers`, refused unless they come from this teacher, data and layer list."""
+def load_cache(cache_dir: str | Path, teacher_id: str, data_id: str, layers: list[int]
+               ) -> tuple[list[np.ndarray], np.ndarray, dict]:
+    """Memory-mapped features of `layers`, the logits and the manifest.
+
+    Refused unless they come from this teacher and data and hold these layers.
+    """
     manifest = read_manifest(cache_dir, "cache")
     expected = {"teacher": teacher_id, "data": data_id}
     for key, value in expected.items():
@@ -70,4 +107,4 @@ def load_cache(cache_dir: str | Path, teacher_id: str, data_id: str, layers: lis
         if array.dtype != DTYPE or list(array.shape[1:]) != manifest["shapes"][str(k)]:
             raise InputError(f"{cache_dir}/{layer_file(k)} has shape {array.shape}, not the manifest's")
         out.append(array)
-    return out
+    return out, np.load(Path(cache_dir) / LOGITS, mmap_mode="r"), manifest

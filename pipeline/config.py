@@ -82,12 +82,50 @@ class CacheParams(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
 
 
+METHOD_NAMES = ("ce", "vkd", "vkd_std", "base_fkd", "base_fkd_nokl", "base_fkd_all", "stl_seplin", "ours",
+                "ours_ce", "ours_kl", "sp", "simkd", "semckd")
+
+
+class StudentModelParams(ModelParams):
+    arch: str = Field("resnet9", description=ModelParams.model_fields["arch"].description)
+
+
+class StudentParams(Section):
+    method: Literal[METHOD_NAMES] = Field("ours", description="loss composition, see `pipeline/distill.py` METHODS")
+    model: StudentModelParams = StudentModelParams()
+    train: RecipeParams = RecipeParams(lr=0.05)
+    peak_lr: Literal["lr", "max_lr"] = Field(
+        "lr", description="OneCycle peak: train.lr (what the reference code ran: 0.05 for KD students) or max_lr "
+                          "(the reference configs' MaxLR field, printed but never used by its optimizer)")
+    max_lr: float = Field(0.0075, gt=0, description="peak when peak_lr is max_lr")
+    student_layers: Optional[list[int]] = Field(None, description="distilled student layers; null: standard list")
+    teacher_layers: Optional[list[int]] = Field(
+        None, description="null: selected by `score` for ours*, the teacher's standard list for the baselines")
+    ce_weight: float = Field(1.0, ge=0, description="cross-entropy weight")
+    kl_weight: float = Field(16.0, ge=0, description="KL weight (tau^2 in the paper)")
+    kl_tau: float = Field(4.0, gt=0, description="KL temperature")
+    feature_weight: float = Field(1.0, ge=0, description="feature-loss weight")
+    align: Literal["none", "standardize"] = Field(
+        "none", description="beyond the paper: standardize teacher targets per channel with cached statistics")
+    relation_weight: float = Field(0.0, ge=0, description="beyond the paper: batch-similarity matching term")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+class ProbeParams(Section):
+    weight_decays: list[float] = Field([0.0, 1e-4, 1e-3, 1e-2], description="L2 penalties tried on held-out data")
+    holdout: float = Field(0.1, gt=0, lt=1, description="share of the training split held out to pick the penalty")
+    max_iter: PositiveInt = Field(200, description="L-BFGS iterations")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
 class Params(Section):
     seed: int = Field(0, description="seed for subsets, initialisation, shuffling and augmentation")
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
     score: ScoreParams = ScoreParams()
     cache: CacheParams = CacheParams()
+    student: StudentParams = StudentParams()
+    probe: ProbeParams = ProbeParams()
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

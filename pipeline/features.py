@@ -48,18 +48,29 @@ def stream_layers(model: nn.Module, data: DeviceData, ids: torch.Tensor, batch_s
         yield k, torch.cat(acts)
 
 
+def features_and_logits(model: nn.Module, x: torch.Tensor, layers: list[int]):
+    """Features of `layers` and the logits, in one forward pass for chain models."""
+    if not layers:
+        return [], model(x)
+    view = layer_view(model)
+    feats = view.collect(x, layers)
+    if isinstance(view, LayerChain):
+        deepest = max(range(len(layers)), key=lambda i: view.index(layers[i]))
+        return feats, view.head(feats[deepest], layers[deepest])
+    return feats, model(x)
+
+
 @torch.no_grad()
 def extract(model: nn.Module, data: DeviceData, layers: list[int], batch_size: int,
-            sink: Callable[[int, torch.Tensor, list[torch.Tensor]], None],
+            sink: Callable[[int, list[torch.Tensor], torch.Tensor], None],
             on_batch: Callable[[int], None] | None = None) -> None:
-    """Run the model over `data` in order, handing each batch's features of `layers` to `sink(start, ids, feats)`."""
+    """Run the model over `data` in order, handing each batch to `sink(start, features of layers, logits)`."""
     model.eval()
-    view = layer_view(model)
     start = 0
     for ids, x, _ in data.batches(batch_size):
         with autocast(data.device):
-            feats = view.collect(x, layers)
-        sink(start, ids, feats)
+            feats, logits = features_and_logits(model, x, layers)
+        sink(start, feats, logits)
         start += len(ids)
         if on_batch:
             on_batch(len(ids))

@@ -78,36 +78,50 @@ def per_batch(scheduler) -> bool:
     return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
 
 
+# A training step's loss: (model, sample ids, images, labels) -> (total loss, logits, named loss terms)
+StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
+                    tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def cross_entropy_step(model: nn.Module, ids, x: torch.Tensor, y: torch.Tensor):
+    logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    return loss, logits, {"ce": loss}
+
+
 def train_one_epoch(model, data: DeviceData, optimizer, scheduler, recipe: RecipeParams,
-                    generator: torch.Generator, on_step: Callable[[int], None] | None = None) -> dict:
-    """One pass over `data`; returns mean loss and accuracy (one host sync, at the end)."""
+                    generator: torch.Generator, on_step: Callable[[int], None] | None = None,
+                    step_loss: StepLoss = cross_entropy_step) -> dict:
+    """One pass over `data`; returns the mean of the loss and of each term, and accuracy (one host sync)."""
     model.train()
     device = data.device
-    loss_sum = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     augment = Augment() if recipe.augment else None
-    for _, x, y in data.batches(recipe.batch_size, shuffle=True, drop_last=True, generator=generator,
-                                augment=augment):
+    for ids, x, y in data.batches(recipe.batch_size, shuffle=True, drop_last=True, generator=generator,
+                                  augment=augment):
         with autocast(device):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss, logits, terms = step_loss(model, ids, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if per_batch(scheduler):
             scheduler.step()
-        loss_sum += loss.detach() * len(y)
+        for name, value in {"loss": loss, **terms}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if on_step:
             on_step(len(y))
     if not per_batch(scheduler):
         scheduler.step()
-    loss = loss_sum.item() / max(seen, 1)
-    if not math.isfinite(loss):
-        raise TrainingError(f"non-finite training loss ({loss}); lower the learning rate")
-    return {"train_loss": loss, "train_acc": correct.item() / max(seen, 1)}
+    means = {name: value.item() / max(seen, 1) for name, value in sums.items()}
+    bad = [name for name, value in means.items() if not math.isfinite(value)]
+    if bad:
+        raise TrainingError(f"non-finite training loss ({', '.join(bad)}); lower the learning rate")
+    return {"train_loss": means.pop("loss"), "train_acc": correct.item() / max(seen, 1),
+            **{f"loss_{name}": value for name, value in means.items()}}
 
 
 @torch.no_grad()
@@ -138,7 +152,8 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
         resume_path: Path | None = None, resume_key: str = "",
         on_epoch_start: Callable[[int, int], None] | None = None,
         on_step: Callable[[int], None] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> FitState:
+        on_epoch: Callable[[dict], None] | None = None,
+        step_loss: StepLoss = cross_entropy_step) -> FitState:
     """Train for `recipe.epochs`, evaluating after each epoch.
 
     With `resume_path`, a checkpoint is written atomically after every epoch and a run started again with the
@@ -166,7 +181,7 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout and other in-model randomness
         start = time.perf_counter()
         row = {"epoch": epoch + 1,
-               **train_one_epoch(model, train, optimizer, scheduler, recipe, generator, on_step)}
+               **train_one_epoch(model, train, optimizer, scheduler, recipe, generator, on_step, step_loss)}
         row["seconds"] = time.perf_counter() - start
         row["img_per_s"] = steps * recipe.batch_size / row["seconds"]
         row.update(evaluate(model, test, recipe.eval_batch_size))

@@ -35,13 +35,16 @@ def cache(
     verify_files(scores, score_manifest)
     if score_manifest["inputs"].get("teacher") != teacher_id:
         raise InputError(f"{scores} scored another teacher: rerun the score stage")
-    layers = read_json(scores / "selection.json")["layers"]
+    from pipeline.models import STANDARD_LAYERS
+
+    # the selected layers, plus the standard ones that the baseline methods distil from
+    layers = sorted(set(read_json(scores / "selection.json")["layers"]) | set(STANDARD_LAYERS.get(spec.arch, [])))
     device = pick_device(p.device)
     model = prepare_model(model, device)
     with TaskProgress("cache", len(prepared.train_labels)) as progress:
-        files, shapes = write_cache(model, prepared, layers, device, p.batch_size, out, progress.advance)
+        files, shapes, stats = write_cache(model, prepared, layers, device, p.batch_size, out, progress.advance)
     write_manifest(out, "cache", {"seed": cfg.seed, **p.model_dump()},
                    inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files,
-                   extra={"layers": layers, "shapes": shapes, "dtype": str(DTYPE.__name__),
+                   extra={"layers": layers, "shapes": shapes, "channel_stats": stats, "dtype": DTYPE.__name__,
                           "num_samples": len(prepared.train_labels)})
     typer.echo(f"cached teacher layers {layers} for {len(prepared.train_labels)} images -> {out}")

@@ -6,7 +6,9 @@ import typer
 
 from stages.cache import cache
 from stages.prepare import prepare
+from stages.probe import probe
 from stages.score import score
+from stages.student import student
 from stages.teacher import teacher
 
 app = typer.Typer(
@@ -20,6 +22,8 @@ app.command()(prepare)
 app.command()(teacher)
 app.command()(score)
 app.command()(cache)
+app.command()(student)
+app.command()(probe)
 
 
 if __name__ == "__main__":

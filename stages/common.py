@@ -133,3 +133,25 @@ class TaskProgress:
 
     def note(self, line: str) -> None:
         (self.progress.console.print if self.progress else lambda s: print(s, file=sys.stderr, flush=True))(line)
+
+
+class Live:
+    """dvclive logger for per-epoch curves (`dvc plots show` renders its TSV files)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        from dvclive import Live as DvcLive
+
+        self.live = DvcLive(str(self.path), save_dvc_exp=False, dvcyaml=None, report=None)
+        return self
+
+    def __exit__(self, *exc):
+        self.live.end()
+
+    def log(self, row: dict) -> None:
+        for key, value in row.items():
+            if key not in ("epoch", "seconds"):
+                self.live.log_metric(key, value)
+        self.live.next_step()

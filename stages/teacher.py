@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stages.common import EpochProgress, ParamsOpt, SetOpt, guarded, load
+from stages.common import EpochProgress, Live, ParamsOpt, SetOpt, guarded, load
 
 
 @guarded
@@ -36,7 +36,7 @@ def teacher(
     else:
         key = hash_obj({"params": section, "data": prepared.data_id})
         resume = resume_dir / f"teacher-{key}.pt"
-        with EpochProgress("teacher", p.train.epochs) as progress, _Live(live_dir) as live:
+        with EpochProgress("teacher", p.train.epochs) as progress, Live(live_dir) as live:
             def on_epoch(row: dict) -> None:
                 progress.epoch_end(row)
                 live.log(row)
@@ -53,24 +53,3 @@ def teacher(
     write_manifest(out, "teacher", section, inputs={"data": prepared.data_id},
                    files={"model.pt": sha256_file(out / "model.pt")}, extra={"history": history})
     typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")
-
-
-class _Live:
-    """dvclive logger for per-epoch curves; `dvc plots show` renders its TSV files."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        from dvclive import Live
-
-        self.live = Live(str(self.path), save_dvc_exp=False, dvcyaml=None, report=None)
-        return self
-
-    def __exit__(self, *exc):
-        self.live.end()
-
-    def log(self, row: dict) -> None:
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "img_per_s"):
-            self.live.log_metric(key, row[key])
-        self.live.next_step()

@@ -108,25 +108,34 @@ def test_cache_round_trip_and_refusals(trained):
     assert result.exit_code == 0, result.output
     data = load_prepared(trained / "data")
     model, _, teacher_id = load_teacher(trained / "teacher", data)
-    layers = json.loads((trained / "scores/selection.json").read_text())["layers"]
-    cached = load_cache(trained / "cache", teacher_id, data.data_id, layers)
+    selected = json.loads((trained / "scores/selection.json").read_text())["layers"]
+    layers = sorted(set(selected) | {3, 7, 13, 16})  # plus ResNet-34's standard layers for the baselines
+    cached, logits, manifest = load_cache(trained / "cache", teacher_id, data.data_id, layers)
+    assert manifest["layers"] == layers
     split = DeviceData(data.train_images, data.train_labels, data.meta["mean"], data.meta["std"],
                        torch.device("cpu"))
     with torch.no_grad():
-        fresh = layer_view(model).collect(split.normalise(split.images), layers)
-    for array, want in zip(cached, fresh):
+        x = split.normalise(split.images)
+        fresh = layer_view(model).collect(x, layers)
+        np.testing.assert_allclose(logits, model(x).numpy(), rtol=1e-5, atol=1e-5)
+    for k, array, want in zip(layers, cached, fresh):
         assert array.dtype == np.float16 and array.shape == tuple(want.shape)
         np.testing.assert_allclose(array.astype(np.float32), want.numpy(), rtol=2e-3, atol=2e-3)
+        stats = manifest["channel_stats"][str(k)]
+        np.testing.assert_allclose(stats["mean"], want.double().mean((0, 2, 3)).numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(stats["std"], want.double().std((0, 2, 3), unbiased=False).numpy(),
+                                   rtol=1e-5, atol=1e-6)
 
+    layers = selected
     with pytest.raises(InputError, match="made from another teacher"):
         load_cache(trained / "cache", "other", data.data_id, layers)
     with pytest.raises(InputError, match="made from another data"):
         load_cache(trained / "cache", teacher_id, "other", layers)
-    missing = next(k for k in range(18) if k not in layers)
+    missing = next(k for k in range(18) if k not in manifest["layers"])
     with pytest.raises(InputError, match=rf"not \[{missing}\]"):
         load_cache(trained / "cache", teacher_id, data.data_id, [missing])
 
-    path = trained / "cache" / f"layer_{layers[0]}.npy"
+    path = trained / "cache" / "logits.npy"
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 100)
     with pytest.raises(InputError, match="does not match its manifest checksum"):
@@ -142,6 +151,7 @@ def test_killed_cache_leaves_no_complete_looking_array(trained, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         write_cache(model, data, [3, 7], torch.device("cpu"), 40, tmp_path / "c", on_batch=kill)
+    # nothing, not even a temporary file, is left behind
     assert list((tmp_path / "c").iterdir()) == []
 
 

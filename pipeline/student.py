@@ -1,0 +1,190 @@
+"""Train a student with a distillation method; save and rebuild it (with projectors and any teacher tail)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.checkpoint import load_torch, save_torch
+from pipeline.config import StudentParams
+from pipeline.data import Prepared
+from pipeline.distill import METHODS, Distiller, LossWeights
+from pipeline.errors import InputError
+from pipeline.layers import LayerChain, layer_shapes
+from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
+from pipeline.teacher import device_splits, spec_for
+from pipeline.train import autocast, fit, pick_device, prepare_model, summarise
+
+FORMAT = "kd-student/1"
+
+
+def resolve_layers(params: StudentParams, student_arch: str, teacher_arch: str,
+                   selected: list[int] | None) -> tuple[list[int], list[int]]:
+    """(student layers, teacher layers) for the method: standard lists, the quality selection, or params."""
+    method = METHODS[params.method]
+    student = params.student_layers or STANDARD_LAYERS.get(student_arch)
+    if student is None:
+        raise InputError(f"no standard layers for student {student_arch}: set student.student_layers")
+    if not method.features:
+        return sorted(student), []
+    teacher = params.teacher_layers
+    if teacher is None and method.teacher_layers == "selected":
+        if selected is None:
+            raise InputError(f"method {params.method} needs the score stage's selection")
+        teacher = selected
+    teacher = teacher or STANDARD_LAYERS.get(teacher_arch)
+    if teacher is None:
+        raise InputError(f"no standard layers for teacher {teacher_arch}: set student.teacher_layers")
+    return sorted(student), sorted(teacher)
+
+
+def build_distiller(student_spec: ModelSpec, method: str, student_layers: list[int], teacher_layers: list[int],
+                    teacher_shapes: list[tuple], weights: LossWeights, batch_size: int,
+                    teacher: nn.Module | None) -> Distiller:
+    student = build_model(student_spec)
+    if not isinstance(student, nn.Sequential):
+        raise InputError("distilled students must be one of the paper's architectures (generalized layers)")
+    shapes = layer_shapes(student, (student_spec.in_chans, student_spec.image_size, student_spec.image_size))
+    view = LayerChain(student)
+    student_shapes = [shapes[view.index(k)] for k in sorted(student_layers)]
+    tail = None
+    if METHODS[method].features == "simkd":
+        if not isinstance(teacher, nn.Sequential):
+            raise InputError("simkd needs a teacher from the paper's architectures")
+        chain = LayerChain(teacher)
+        tail = [m for m in chain.modules[chain.ends[chain.index(teacher_layers[-1])] + 1:]]
+    distiller = Distiller(student, method, student_layers, teacher_layers, student_shapes, teacher_shapes,
+                          weights, tail, batch_size)
+    distiller.student_spec = student_spec
+    return distiller
+
+
+def needs_teacher(method: str) -> bool:
+    return bool(METHODS[method].kl or METHODS[method].features)
+
+
+def loss_weights(params: StudentParams) -> LossWeights:
+    return LossWeights(ce=params.ce_weight, kl=params.kl_weight, tau=params.kl_tau, feature=params.feature_weight,
+                       relation=params.relation_weight)
+
+
+class TeacherTargets:
+    """Teacher features and logits for a batch: rows of the cache by sample id, or the teacher run online."""
+
+    def __init__(self, layers: list[int], device: torch.device, cached: list[np.ndarray] | None = None,
+                 logits: np.ndarray | None = None, teacher: nn.Module | None = None,
+                 channel_stats: dict | None = None):
+        self.layers = layers
+        self.teacher = teacher
+        if teacher is None:
+            self.feats = [torch.from_numpy(np.array(a)).to(device) for a in cached]  # memmap -> memory
+            self.logits = torch.from_numpy(np.array(logits)).to(device)
+        self.stats = None
+        if channel_stats is not None:
+            self.stats = [(torch.tensor(channel_stats[str(k)]["mean"], device=device),
+                           torch.tensor(channel_stats[str(k)]["std"], device=device).clamp_min(1e-6))
+                          for k in layers]
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.teacher is not None:
+            from pipeline.features import features_and_logits
+
+            self.teacher.eval()
+            with autocast(x.device):
+                feats, logits = features_and_logits(self.teacher, x, self.layers)
+        else:
+            feats, logits = [f[ids] for f in self.feats], self.logits[ids]
+        if self.stats is not None:
+            feats = [_standardize(f.float(), mean, std) for f, (mean, std) in zip(feats, self.stats)]
+        return feats, logits.float()
+
+
+def _standardize(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    if f.dim() == 3:  # tokens: channels are the last dim
+        return (f - mean) / std
+    shape = (1, -1) + (1,) * (f.dim() - 2)
+    return (f - mean.view(shape)) / std.view(shape)
+
+
+def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.Module, teacher_spec: ModelSpec,
+                  selected: list[int] | None, cache: tuple | None, resume_path: Path | None, resume_key: str,
+                  **callbacks) -> tuple[Distiller, dict, list[dict]]:
+    """Train with `params.method`; `cache` is (features, logits, manifest) from `load_cache` or None (online)."""
+    device = pick_device(params.device)
+    spec = spec_for(params.model, data)
+    student_layers, teacher_layers = resolve_layers(params, spec.arch, teacher_spec.arch, selected)
+    shape = (teacher_spec.in_chans, teacher_spec.image_size, teacher_spec.image_size)
+    all_shapes = layer_shapes(teacher, shape)
+    teacher_shapes = [all_shapes[k] for k in teacher_layers]
+    torch.manual_seed(seed)
+    distiller = build_distiller(spec, params.method, student_layers, teacher_layers, teacher_shapes,
+                                loss_weights(params), params.train.batch_size, teacher)
+    distiller = prepare_model(distiller, device)
+    stats = cache[2]["channel_stats"] if params.align == "standardize" and cache else None
+    if params.align == "standardize" and cache is None:
+        raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
+    if not needs_teacher(params.method):
+        targets = lambda ids, x: (None, None)  # noqa: E731 - plain cross-entropy needs no teacher
+    elif params.train.augment or cache is None:
+        targets = TeacherTargets(teacher_layers, device, teacher=prepare_model(teacher, device))
+    else:
+        feats, logits, _ = cache  # features of teacher_layers, in that order
+        targets = TeacherTargets(teacher_layers, device, feats, logits, channel_stats=stats)
+
+    def step_loss(model: Distiller, ids, x, y):
+        t_feats, t_logits = targets(ids, x)
+        return model.losses(x, y, t_feats, t_logits)
+
+    recipe = params.train
+    if params.peak_lr == "max_lr":
+        recipe = recipe.model_copy(update={"lr": params.max_lr})
+    train, test = device_splits(data, device)
+    state = fit(distiller, train, test, recipe, seed, resume_path, resume_key, step_loss=step_loss, **callbacks)
+    return distiller, summarise(state.history), state.history
+
+
+def save_student(path: str | Path, distiller: Distiller, teacher_spec: ModelSpec, **info) -> None:
+    state = {k: v.detach().cpu() for k, v in distiller.state_dict().items()}
+    save_torch(path, {"format": FORMAT, "spec": distiller.student_spec.to_dict(), "method": distiller.method,
+                      "student_layers": distiller.student_layers, "teacher_layers": distiller.teacher_layers,
+                      "teacher_shapes": [list(s) for s in distiller.teacher_shapes],
+                      "weights": asdict(distiller.weights),
+                      "batch_size": distiller.batch_size,
+                      "teacher_spec": teacher_spec.to_dict(), "state_dict": state, **info})
+
+
+def load_student(path: str | Path) -> tuple[Distiller, ModelSpec, dict]:
+    """Rebuild a saved student (eval mode, CPU) with its projectors and teacher tail."""
+    ckpt = load_torch(path)
+    if ckpt.get("format") != FORMAT:
+        raise InputError(f"{path} is not a student checkpoint of this pipeline")
+    spec = ModelSpec(**ckpt["spec"])
+    teacher = None
+    if METHODS[ckpt["method"]].features == "simkd":
+        teacher = build_model(ModelSpec(**{**ckpt["teacher_spec"], "pretrained": False}))
+    distiller = build_distiller(spec, ckpt["method"], ckpt["student_layers"], ckpt["teacher_layers"],
+                                [tuple(s) for s in ckpt["teacher_shapes"]], LossWeights(**ckpt["weights"]),
+                                ckpt["batch_size"], teacher)
+    try:
+        distiller.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise InputError(f"{path}: weights do not fit: {str(err).splitlines()[0]}") from None
+    info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "format")}
+    return distiller.eval(), spec, info
+
+
+def load_student_dir(student_dir: str | Path, data: Prepared) -> tuple[Distiller, ModelSpec, str]:
+    """The `student` stage's model, refused if its files changed or it was trained on other data; with its id."""
+    from pipeline.io import manifest_id, read_manifest, verify_files
+
+    manifest = read_manifest(student_dir, "student")
+    verify_files(student_dir, manifest)
+    if manifest["inputs"].get("data") != data.data_id:
+        raise InputError(f"{student_dir} was trained on other prepared data: rerun the student stage")
+    distiller, spec, _ = load_student(Path(student_dir) / "model.pt")
+    return distiller, spec, manifest_id(manifest)

@@ -1,0 +1,44 @@
+"""Stage `probe`: a linear classifier on the frozen distilled backbone, penalty chosen on held-out training data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import ParamsOpt, SetOpt, guarded, load
+
+
+@guarded
+def probe(
+    params: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    student_dir: Path = typer.Option(Path("models/student"), "--student", help="output folder of `student`"),
+    out: Path = typer.Option(Path("models/probe"), help="output folder: probe.pt and manifest.json"),
+    metrics: Path = typer.Option(Path("metrics/probe.json"), help="probe metrics JSON"),
+) -> None:
+    """Fit a logistic-regression probe on the student's pooled deepest distilled layer (params section `probe`)."""
+    cfg = load(params, overrides)
+    p = cfg.probe
+    from pipeline.checkpoint import save_torch
+    from pipeline.data import load_prepared
+    from pipeline.io import sha256_file, write_json, write_manifest
+    from pipeline.probe import probe_student
+    from pipeline.student import load_student_dir
+    from pipeline.train import pick_device
+
+    prepared = load_prepared(data)
+    distiller, _, student_id = load_student_dir(student_dir, prepared)
+    fitted, summary = probe_student(distiller, prepared, pick_device(p.device), p.weight_decays, p.holdout,
+                                    cfg.seed, p.max_iter)
+    save_torch(out / "probe.pt", {"format": "kd-probe/1", "weight": fitted.weight.cpu(), "bias": fitted.bias.cpu(),
+                                  "mean": fitted.mean.cpu(), "std": fitted.std.cpu(),
+                                  "weight_decay": fitted.weight_decay, "layer": summary["layer"]})
+    write_json(metrics, summary)
+    write_manifest(out, "probe", {"seed": cfg.seed, **p.model_dump()},
+                   inputs={"data": prepared.data_id, "student": student_id},
+                   files={"probe.pt": sha256_file(out / "probe.pt")})
+    typer.echo(f"probe (weight decay {fitted.weight_decay:g}): test acc {summary['probe_test_acc']:.4f}, "
+               f"student head {summary['head_test_acc']:.4f} -> {out / 'probe.pt'}")

@@ -1,0 +1,65 @@
+"""Stage `student`: train the student with a distillation method (params section `student`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import EpochProgress, Live, ParamsOpt, SetOpt, guarded, load
+
+
+@guarded
+def student(
+    params: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selected layers)"),
+    cache_dir: Path = typer.Option(Path("cache/teacher"), "--cache", help="output folder of `cache`"),
+    out: Path = typer.Option(Path("models/student"), help="output folder: model.pt and manifest.json"),
+    metrics: Path = typer.Option(Path("metrics/student.json"), help="final metrics JSON"),
+    live_dir: Path = typer.Option(Path("dvclive/student"), help="dvclive folder for per-epoch curves"),
+    resume_dir: Path = typer.Option(Path(".kd-resume"), help="per-epoch resume checkpoints (kept until success)"),
+) -> None:
+    """Train the student; `ours` trains its backbone with feature losses only (logit-free)."""
+    cfg = load(params, overrides)
+    p = cfg.student
+    from pipeline.cache import load_cache
+    from pipeline.data import load_prepared
+    from pipeline.io import hash_obj, read_json, read_manifest, sha256_file, verify_files, write_json, write_manifest
+    from pipeline.student import needs_teacher, resolve_layers, save_student, train_student
+    from pipeline.teacher import load_teacher
+
+    prepared = load_prepared(data)
+    teacher, teacher_spec, teacher_id = load_teacher(teacher_dir, prepared)
+    selected = None
+    if p.method.startswith("ours") and p.teacher_layers is None:
+        verify_files(scores, read_manifest(scores, "score"))
+        selected = read_json(scores / "selection.json")["layers"]
+    cache = None
+    if needs_teacher(p.method) and not p.train.augment:  # with augmentation the teacher runs online
+        _, teacher_layers = resolve_layers(p, p.model.arch, teacher_spec.arch, selected)
+        cache = load_cache(cache_dir, teacher_id, prepared.data_id, teacher_layers)
+    section = {"seed": cfg.seed, **p.model_dump()}
+    key = hash_obj({"params": section, "data": prepared.data_id, "teacher": teacher_id})
+    resume = resume_dir / f"student-{key}.pt"
+    with EpochProgress(f"student {p.method}", p.train.epochs) as progress, Live(live_dir) as live:
+        def on_epoch(row: dict) -> None:
+            progress.epoch_end(row)
+            live.log(row)
+
+        distiller, summary, history = train_student(
+            prepared, p, cfg.seed, teacher, teacher_spec, selected, cache, resume, key,
+            on_epoch_start=progress.epoch_start, on_step=progress.step, on_epoch=on_epoch)
+    save_student(out / "model.pt", distiller, teacher_spec, data_id=prepared.data_id,
+                 classes=prepared.meta["classes"], mean=prepared.meta["mean"], std=prepared.meta["std"])
+    resume.unlink(missing_ok=True)
+    summary = {"method": p.method, "teacher_layers": distiller.teacher_layers,
+               "student_layers": distiller.student_layers, **summary}
+    write_json(metrics, summary)
+    write_manifest(out, "student", section, inputs={"data": prepared.data_id, "teacher": teacher_id},
+                   files={"model.pt": sha256_file(out / "model.pt")}, extra={"history": history})
+    typer.echo(f"student {p.model.arch} ({p.method}, teacher layers {distiller.teacher_layers}): "
+               f"test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) -> {out / 'model.pt'}")
