@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from pipeline.cache import load_cache, write_cache
@@ -17,15 +16,9 @@ from pipeline.layers import layer_view
 from pipeline.quality import select_layers
 from pipeline.teacher import load_teacher
 from stages.cli import app
-from tiny import write_prepared
+from tiny import tiny_pipeline
 
 runner = CliRunner()
-PARAMS = {
-    "teacher": {"model": {"arch": "resnet34", "width": 0.0625},
-                "train": {"epochs": 1, "batch_size": 16}, "device": "cpu"},
-    "score": {"subset_a": 48, "subset_b_per_class": 10, "batch_size": 40, "device": "cpu"},
-    "cache": {"batch_size": 40, "device": "cpu"},
-}
 
 
 def invoke(*args):
@@ -34,14 +27,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    write_prepared(root / "data")
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    result = invoke("teacher", "-p", str(root / "params.yaml"), "--data", str(root / "data"),
-                    "--out", str(root / "teacher"), "--metrics", str(root / "m.json"),
-                    "--live-dir", str(root / "live"), "--resume-dir", str(root / "resume"))
-    assert result.exit_code == 0, result.output
-    return root
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def score(root, *extra, out="scores"):

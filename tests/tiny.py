@@ -21,3 +21,42 @@ def write_prepared(folder, n_train=96, n_test=48, classes=3, seed=0, side=8):
     raw = RawData(*split(n_train), *split(n_test), classes=[f"c{i}" for i in range(classes)])
     _, files = save_prepared(raw, folder)
     write_manifest(folder, "prepare", {"seed": seed}, inputs={}, files=files)
+
+
+TINY_PARAMS = {
+    "teacher": {"model": {"arch": "resnet34", "width": 0.0625},
+                "train": {"epochs": 1, "batch_size": 16}, "device": "cpu"},
+    "score": {"subset_a": 48, "subset_b_per_class": 10, "batch_size": 40, "device": "cpu"},
+    "cache": {"batch_size": 40, "device": "cpu"},
+    "student": {"model": {"arch": "resnet9", "width": 0.0625},
+                "train": {"epochs": 2, "batch_size": 16, "lr": 0.01}, "device": "cpu"},
+    "probe": {"device": "cpu", "holdout": 0.25},
+}
+
+
+def run_stage(root, stage, *args):
+    """Run `kd <stage>` with the tiny params and the standard folder names under `root`."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    folders = {"data": "--data", "teacher": "--teacher", "scores": "--scores", "cache": "--cache"}
+    wanted = {"teacher": ["data"], "score": ["data", "teacher"], "cache": ["data", "teacher", "scores"],
+              "student": ["data", "teacher", "scores", "cache"]}[stage] if stage != "probe" else ["data"]
+    opts = [x for name in wanted for x in (folders[name], str(root / name))]
+    return CliRunner().invoke(app, [stage, "-p", str(root / "params.yaml"), *opts, *args])
+
+
+def tiny_pipeline(root):
+    """prepare (written directly), teacher, score and cache of a 3-class 8x8 dataset under `root`."""
+    import yaml
+
+    write_prepared(root / "data")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    for stage, extra in (("teacher", ["--out", str(root / "teacher"), "--metrics", str(root / "m.json"),
+                                      "--live-dir", str(root / "live"), "--resume-dir", str(root / "resume")]),
+                         ("score", ["--out", str(root / "scores")]),
+                         ("cache", ["--out", str(root / "cache")])):
+        result = run_stage(root, stage, *extra)
+        assert result.exit_code == 0, result.output
+    return root

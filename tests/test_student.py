@@ -1,0 +1,288 @@
+"""Distillation losses, gradient isolation of the logit-free method, every method's training, the probe."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.cache import load_cache
+from pipeline.config import METHOD_NAMES, load_params
+from pipeline.data import load_prepared
+from pipeline.distill import METHODS, Distiller, LossWeights
+from pipeline.errors import InputError
+from pipeline.layers import layer_shapes
+from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
+from pipeline.probe import fit_probe
+from pipeline.student import TeacherTargets, build_distiller, load_student_dir, train_student
+from pipeline.teacher import load_teacher
+from tiny import run_stage, tiny_pipeline
+
+
+def test_method_registry_matches_params_schema():
+    assert tuple(METHODS) == METHOD_NAMES
+
+
+# --- pairing, pooling and projector shapes (METHOD.md §2, CIFAR-100 examples) --------------------------
+
+def _pairing(student_arch, teacher_arch, teacher_layers):
+    student = build_model(ModelSpec(student_arch, 100))
+    teacher_shapes = layer_shapes(build_model(ModelSpec(teacher_arch, 100)), (3, 32, 32))
+    d = Distiller(student, "ours", STANDARD_LAYERS[student_arch], teacher_layers,
+                  [layer_shapes(student, (3, 32, 32))[k] for k in STANDARD_LAYERS[student_arch]],
+                  [teacher_shapes[k] for k in teacher_layers])
+    convs = [(p.in_channels, p.out_channels, type(p).__name__, p.bias) for p in d.projectors]
+    return d.plans, convs
+
+
+def test_resnet34_to_resnet9_pairs():
+    plans, convs = _pairing("resnet9", "resnet34", [12, 13, 14, 15])
+    assert plans == [("student", (8, 8)), ("student", (8, 8)), ("student", (4, 4)), ("teacher", (4, 4))]
+    assert convs == [(64, 256, "Conv2d", None), (128, 256, "Conv2d", None), (256, 512, "Conv2d", None),
+                     (512, 512, "Conv2d", None)]
+
+
+def test_resnet34_to_mobilenetv2_pairs():
+    plans, convs = _pairing("mobilenetv2", "resnet34", [12, 13, 14, 15])
+    assert plans == [("student", (8, 8)), ("teacher", (8, 8)), ("teacher", (4, 4)), ("teacher", (2, 2))]
+    assert [c[:2] for c in convs] == [(24, 256), (32, 256), (96, 512), (320, 512)]
+
+
+def test_vgg19_to_vgg11_pairs():
+    plans, convs = _pairing("vgg11_bn", "vgg19_bn", [11, 12, 13, 15])
+    assert plans == [("student", (4, 4)), ("student", (2, 2)), ("student", (2, 2)), ("teacher", (2, 2))]
+    assert [c[:2] for c in convs] == [(128, 512), (256, 512), (512, 512), (512, 512)]
+
+
+def test_vit_b_to_vit_ett_pairs():
+    plans, convs = _pairing("vit_ett", "vit_b", [9, 10, 11, 12])
+    assert plans == [("teacher", (65,))] * 4  # equal token counts: nothing pooled
+    assert convs == [(192, 768, "Conv1d", None)] * 4
+
+
+def test_mixed_token_and_map_layers_are_refused():
+    with pytest.raises(InputError, match="token and map features do not mix"):
+        _pairing("resnet9", "vit_b", [9, 10, 11, 12])
+
+
+# --- loss values against hand computations -------------------------------------------------------------
+
+def _tiny_distiller(method, teacher_shapes=((8, 8, 8), (8, 2, 2), (16, 4, 4), (32,)), **weights):
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet9", num_classes=3, in_chans=1, image_size=8, width=0.0625)
+    return build_distiller(spec, method, [1, 2, 3, 4], [0, 1, 2, 3], list(teacher_shapes),
+                           LossWeights(**weights), batch_size=4, teacher=None)
+
+
+def test_feature_loss_matches_hand_computation():
+    d = _tiny_distiller("base_fkd_nokl")
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    t_feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4), torch.randn(4, 32)]
+    s_feats = d.view.collect(x, [1, 2, 3, 4])  # (4,8,8), (8,4,4), (16,2,2), (32,1,1) per sample at width 1/16
+
+    def by_hand(s, t, conv):
+        w = conv.weight.flatten(1)  # (C_t, C_s)
+        if t.dim() == 2:
+            t = t[:, :, None, None]
+        h, ht = s.shape[2:], t.shape[2:]
+        if all(a <= b for a, b in zip(h, ht)):
+            t = F.adaptive_avg_pool2d(t, h)
+        else:
+            s = F.adaptive_avg_pool2d(s, ht)
+        proj = torch.einsum("oc,bchw->bohw", w, s)
+        return ((proj - t) ** 2).sum() / t.numel()
+
+    want = sum(by_hand(s, t, p) for s, t, p in zip(s_feats, t_feats, d.projectors)) / 4
+    _, _, terms = d.losses(x, y, t_feats, None)
+    assert terms["feature"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(d.student(x), y).item(), rel=1e-6)
+
+
+def test_kl_terms_match_hand_computation():
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    t_logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-2.0, 3.0, 0.0], [1.0, 1.0, 1.5]])
+    for method, standardize in (("vkd", False), ("vkd_std", True)):
+        d = _tiny_distiller(method)
+        _, logits, terms = d.losses(x, y, None, t_logits)
+        s, t = logits.detach().double(), t_logits.double()
+        if standardize:
+            s = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)
+            t = (t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-6)
+        p_t, p_s = torch.softmax(t / 4, 1), torch.softmax(s / 4, 1)
+        want = 16 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+        assert terms["kl"].item() == pytest.approx(want.item(), rel=1e-5)
+        assert set(terms) == {"ce", "kl"}
+
+
+def test_sp_uses_the_whole_similarity_matrix():
+    d = _tiny_distiller("sp", teacher_shapes=((8, 8, 8), (8, 4, 4), (16, 2, 2), (32,)))
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    t_feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 4, 4), torch.randn(4, 16, 2, 2), torch.randn(4, 32)]
+    _, _, terms = d.losses(x, y, t_feats, torch.zeros(4, 3))
+    s_feats = d.view.collect(x, [1, 2, 3, 4])
+
+    def sim(f):
+        f = f.flatten(1)
+        f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-4)
+        return f @ f.T
+
+    want = np.mean([((sim(s) - sim(t)) ** 2).mean().item() for s, t in zip(s_feats, t_feats)])
+    assert terms["sp"].item() == pytest.approx(want, rel=1e-5)
+    assert len(d.projectors) == 0
+
+
+def test_all_pairs_and_semckd_shapes():
+    all_pairs = _tiny_distiller("base_fkd_all")
+    assert len(all_pairs.projectors) == 16 and all_pairs.pairs[5] == (1, 1)
+    sem = _tiny_distiller("semckd")
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    t_feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4), torch.randn(4, 32)]
+    total, _, terms = sem.losses(x, y, t_feats, torch.zeros(4, 3))
+    assert set(terms) == {"ce", "kl", "feature"} and math.isfinite(total.item())
+
+
+# --- gradient isolation: the logit-free backbone ---------------------------------------------------------
+
+def _grads_from(d, term):
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    t_feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4), torch.randn(4, 32)]
+    d.zero_grad(set_to_none=True)
+    _, _, terms = d.losses(x, y, t_feats, torch.zeros(4, 3))
+    terms[term].backward()
+    head = {id(p) for p in d.student[-1].parameters()}
+    backbone = [p.grad for p in d.student.parameters() if id(p) not in head]
+    head_grads = [p.grad for p in d.student[-1].parameters()]
+    return backbone, head_grads
+
+
+def test_ours_backbone_gets_no_gradient_from_cross_entropy():
+    backbone, head = _grads_from(_tiny_distiller("ours"), "ce")
+    assert all(g is None or not g.any() for g in backbone)
+    assert all(g is not None and g.abs().sum() > 0 for g in head)
+    backbone, head = _grads_from(_tiny_distiller("ours"), "feature")
+    assert any(g is not None and g.abs().sum() > 0 for g in backbone)
+    assert all(g is None for g in head)  # and the head none from the feature loss
+
+
+def test_ours_ce_backbone_does_get_cross_entropy_gradient():
+    backbone, _ = _grads_from(_tiny_distiller("ours_ce"), "ce")
+    assert sum(g.abs().sum().item() for g in backbone if g is not None) > 0
+
+
+# --- training every method on a tiny real pipeline ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
+
+
+def _train(pipe, method, epochs=4, **kwargs):
+    params = load_params(pipe / "params.yaml", [f"student.method={method}", f"student.train.epochs={epochs}",
+                                                *[f"student.{k}={v}" for k, v in kwargs.items()]])
+    data = load_prepared(pipe / "data")
+    teacher, teacher_spec, teacher_id = load_teacher(pipe / "teacher", data)
+    selected = json.loads((pipe / "scores/selection.json").read_text())["layers"]
+    layers = selected if METHODS[method].teacher_layers == "selected" else STANDARD_LAYERS["resnet34"]
+    cache = load_cache(pipe / "cache", teacher_id, data.data_id, layers if METHODS[method].features else [])
+    return train_student(data, params.student, 0, teacher, teacher_spec, selected, cache, None, "")
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_trains_and_lowers_its_loss(pipe, method):
+    distiller, summary, history = _train(pipe, method)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(math.isfinite(v) for row in history for v in row.values())
+    if METHODS[method].features and METHODS[method].features != "sp":
+        assert history[-1]["loss_feature"] < history[0]["loss_feature"]
+    assert summary["test_acc"] > 1 / 3  # better than chance on 3 classes
+
+
+def test_distribution_aware_alignment_standardizes_targets(pipe):
+    data = load_prepared(pipe / "data")
+    _, _, teacher_id = load_teacher(pipe / "teacher", data)
+    feats, logits, manifest = load_cache(pipe / "cache", teacher_id, data.data_id, [3, 13])
+    targets = TeacherTargets([3, 13], torch.device("cpu"), feats, logits, channel_stats=manifest["channel_stats"])
+    standardized, _ = targets(torch.arange(len(logits)), None)
+    for f in standardized:
+        assert f.mean((0, 2, 3)).abs().max() < 1e-2
+        assert (f.std((0, 2, 3)) - 1).abs().max() < 1e-2
+    _, _, history = _train(pipe, "ours", epochs=2, align="standardize", relation_weight=0.5)
+    assert history[-1]["loss_relation"] > 0
+
+
+def test_student_stage_resume_and_outputs(pipe, tmp_path):
+    out = ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "m.json"), "--live-dir", str(tmp_path / "l"),
+           "--resume-dir", str(tmp_path / "r")]
+    result = run_stage(pipe, "student", *out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    selected = json.loads((pipe / "scores/selection.json").read_text())["layers"]
+    assert metrics["method"] == "ours" and metrics["teacher_layers"] == selected
+    assert metrics["student_layers"] == [1, 2, 3, 4]
+    curves = (tmp_path / "l/plots/metrics/loss_feature.tsv").read_text().splitlines()
+    assert len(curves) == 3
+    distiller, _, _ = load_student_dir(tmp_path / "s", load_prepared(pipe / "data"))
+    assert distiller.method == "ours" and distiller.teacher_layers == selected
+
+    result = run_stage(pipe, "student", *out, "-S", "student.train.lr=1e30")
+    assert result.exit_code == 1 and "non-finite training loss" in result.output
+
+
+def test_student_resume_after_kill_equals_uninterrupted(pipe):
+    reference, _, ref_history = _train(pipe, "ours", epochs=3)
+
+    class Killed(Exception):
+        pass
+
+    def kill(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    params = load_params(pipe / "params.yaml", ["student.train.epochs=3"]).student
+    data = load_prepared(pipe / "data")
+    teacher, teacher_spec, teacher_id = load_teacher(pipe / "teacher", data)
+    selected = json.loads((pipe / "scores/selection.json").read_text())["layers"]
+    cache = load_cache(pipe / "cache", teacher_id, data.data_id, selected)
+    ckpt = pipe / "resume-student.pt"
+    with pytest.raises(Killed):
+        train_student(data, params, 0, teacher, teacher_spec, selected, cache, ckpt, "k", on_epoch=kill)
+    resumed, _, history = train_student(data, params, 0, teacher, teacher_spec, selected, cache, ckpt, "k")
+    assert [r["test_acc"] for r in history] == [r["test_acc"] for r in ref_history]
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# --- probe ------------------------------------------------------------------------------------------------
+
+def test_probe_matches_scikit_learn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    y = np.repeat(np.arange(4), 60)
+    x = centres[y] + 1.5 * rng.normal(size=(len(y), 16))
+    x_test_np = centres[np.repeat(np.arange(4), 50)] + 1.5 * rng.normal(size=(200, 16))
+    y_test = np.repeat(np.arange(4), 50)
+    probe, trials = fit_probe(torch.from_numpy(x), torch.from_numpy(y), 4, [1e-3, 1e-2, 1e-1], 0.2, 0, 500)
+    assert probe.weight_decay == max(trials, key=lambda t: (t["holdout_acc"], t["weight_decay"]))["weight_decay"]
+    z = (x - probe.mean.numpy()) / probe.std.numpy()
+    ref = LogisticRegression(C=1 / (len(y) * probe.weight_decay), max_iter=5000, tol=1e-10).fit(z, y)
+    np.testing.assert_allclose(probe.weight.numpy(), ref.coef_.T, atol=2e-3)
+    ours = (probe.logits(torch.from_numpy(x_test_np)).argmax(1).numpy() == y_test).mean()
+    theirs = ref.score((x_test_np - probe.mean.numpy()) / probe.std.numpy(), y_test)
+    assert abs(ours - theirs) <= 0.01
+
+
+def test_probe_stage(pipe, tmp_path):
+    assert run_stage(pipe, "student", "--out", str(pipe / "student"), "--metrics", str(tmp_path / "s.json"),
+                     "--live-dir", str(tmp_path / "l")).exit_code == 0
+    result = run_stage(pipe, "probe", "--student", str(pipe / "student"), "--out", str(tmp_path / "p"),
+                       "--metrics", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "p.json").read_text())
+    student = json.loads((tmp_path / "s.json").read_text())
+    assert metrics["head_test_acc"] == pytest.approx(student["test_acc"])
+    assert metrics["layer"] == 4 and len(metrics["trials"]) == 4
+    assert metrics["probe_test_acc"] > 0.5
