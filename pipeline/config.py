@@ -118,14 +118,33 @@ class ProbeParams(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
 
 
+class EvaluateParams(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+class ExportParams(Section):
+    run: str = Field("ours-s0", description="student run to export (runs/student-<run>)")
+    head: Literal["student", "probe"] = Field("student", description="the head trained with the student or the probe")
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset, pinned")
+    batch_sizes: list[PositiveInt] = Field([1, 7, 256], description="parity-gate batch sizes (1, odd, large)")
+    batch_one_images: PositiveInt = Field(500, description="test images checked one at a time")
+    atol: float = Field(1e-4, gt=0, description="max |onnxruntime - torch| logit difference (float32)")
+    min_agreement: float = Field(0.999, gt=0, le=1, description="min top-1 agreement onnxruntime vs torch")
+
+
 class Params(Section):
     seed: int = Field(0, description="seed for subsets, initialisation, shuffling and augmentation")
+    seeds: list[int] = Field([0], min_length=1, description="student seeds (dvc.yaml's matrix expands them)")
+    methods: list[Literal[METHOD_NAMES]] = Field(["ours", "ce"], min_length=1,
+                                                 description="student methods trained by `dvc repro`")
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
     score: ScoreParams = ScoreParams()
     cache: CacheParams = CacheParams()
     student: StudentParams = StudentParams()
     probe: ProbeParams = ProbeParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

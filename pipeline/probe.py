@@ -109,3 +109,19 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
                "weight_decay": probe.weight_decay, "trials": trials,
                "layer": distiller.student_layers[-1], "feature_dims": train_x.shape[1]}
     return probe, metrics
+
+
+def load_probe(probe_dir, student_manifest: dict) -> Probe:
+    """A saved probe, refused unless it was fitted on the student of `student_manifest`."""
+    from pathlib import Path
+
+    from pipeline.checkpoint import load_torch
+    from pipeline.errors import InputError
+    from pipeline.io import manifest_id, read_manifest, verify_files
+
+    manifest = read_manifest(probe_dir, "probe")
+    verify_files(probe_dir, manifest)
+    if manifest["inputs"].get("student") != manifest_id(student_manifest):
+        raise InputError(f"{probe_dir} was fitted on another student: rerun the probe stage")
+    ckpt = load_torch(Path(probe_dir) / "probe.pt")
+    return Probe(ckpt["weight"], ckpt["bias"], ckpt["mean"], ckpt["std"], ckpt["weight_decay"])

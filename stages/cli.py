@@ -5,6 +5,9 @@ from __future__ import annotations
 import typer
 
 from stages.cache import cache
+from stages.evaluate import evaluate
+from stages.export import export
+from stages.predict import predict
 from stages.prepare import prepare
 from stages.probe import probe
 from stages.score import score
@@ -24,6 +27,9 @@ app.command()(score)
 app.command()(cache)
 app.command()(student)
 app.command()(probe)
+app.command()(evaluate)
+app.command()(export)
+app.command()(predict)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def guarded(fn: Callable) -> Callable:
         except InputError as err:
             fail(str(err), 2)
         except Exception as err:
-            if type(err).__name__ == "TrainingError":
+            if type(err).__name__ in ("TrainingError", "ParityError"):
                 fail(str(err), 1)
             raise
 

@@ -1,0 +1,140 @@
+"""ONNX export of a distilled student (preprocessing inside the graph) and its parity gate against torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.distill import Distiller
+from pipeline.errors import InputError
+from pipeline.probe import Probe, pool
+
+PRODUCER = "logitfree-kd"
+
+
+class Deployable(nn.Module):
+    """uint8 NHWC images -> logits: scaling, per-channel normalisation, student and chosen head in one graph."""
+
+    def __init__(self, distiller: Distiller, mean: list[float], std: list[float], probe: Probe | None = None):
+        super().__init__()
+        self.distiller = distiller
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.probe = None
+        if probe is not None:
+            self.probe = nn.Linear(probe.weight.shape[0], probe.weight.shape[1])
+            scale = 1 / probe.std  # fold the feature standardisation into the linear layer
+            with torch.no_grad():
+                self.probe.weight.copy_((probe.weight * scale[:, None]).T.float())
+                self.probe.bias.copy_((probe.bias - (probe.mean * scale) @ probe.weight).float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        x = (x - self.mean) / self.std
+        if self.probe is None:
+            return self.distiller(x)
+        layer = self.distiller.student_layers[-1]
+        return self.probe(pool(self.distiller.view.collect(x, [layer])[0]))
+
+
+def export_onnx(model: Deployable, path: Path, image_shape: tuple[int, int, int], opset: int,
+                metadata: dict[str, str]) -> None:
+    """Write a self-contained ONNX file with a dynamic batch axis and our metadata."""
+    import onnx
+
+    model.eval()
+    example = torch.zeros(2, *image_shape, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["images"],
+                                output_names=["logits"], dynamic_shapes={"images": {0: batch}},
+                                external_data=False, verbose=False)
+    proto = program.model_proto
+    for key, value in {"producer": PRODUCER, **metadata}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(proto, str(path))
+
+
+@torch.no_grad()
+def torch_logits(model: Deployable, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size]))).numpy()
+                           for s in range(0, len(images), batch_size)])
+
+
+def parity_gate(path: Path, reference: np.ndarray, images: np.ndarray, batch_size: int, atol: float,
+                min_agreement: float) -> dict:
+    """onnx full check, then onnxruntime logits in batches of `batch_size` vs the torch `reference` logits.
+
+    Raises ParityError if the gate fails.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(["logits"], {"images": np.ascontiguousarray(images[s:s + batch_size])})[0]
+                          for s in range(0, len(images), batch_size)])
+    want = reference[:len(images)]
+    worst = float(np.abs(got - want).max())
+    result = {"max_abs_diff": worst, "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
+              "images": len(images)}
+    if worst > atol or result["top1_agreement"] < min_agreement:
+        raise ParityError(f"ONNX parity gate failed at batch size {batch_size}: max |logit diff| {worst:.3g} "
+                          f"(limit {atol:g}), top-1 agreement {result['top1_agreement']:.4%} "
+                          f"(limit {min_agreement:.2%})")
+    return result
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce the torch model."""
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Our metadata from an ONNX file; refuses files that are not ONNX or not made by this pipeline."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises DecodeError and friends
+        raise InputError(f"{path} is not an ONNX model: {type(err).__name__}") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("producer") != PRODUCER:
+        raise InputError(f"{path} was not exported by this pipeline (no {PRODUCER} metadata)")
+    return {**meta, "classes": json.loads(meta["classes"]), "image_shape": json.loads(meta["image_shape"])}
+
+
+def gate_images(images: np.ndarray, batch_sizes: list[int], batch_one_images: int) -> dict[int, np.ndarray]:
+    """Every test image at each batch size, except batch size 1 which checks the first `batch_one_images`."""
+    return {bs: images[:batch_one_images] if bs == 1 else images for bs in batch_sizes}
+
+
+def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, opset: int, batch_sizes: list[int],
+                   batch_one_images: int, atol: float, min_agreement: float) -> dict:
+    """Export, check and only then move the ONNX file into place; returns the parity figures."""
+    from pipeline.io import atomic_path, read_manifest
+    from pipeline.probe import load_probe
+    from pipeline.student import load_student_dir
+
+    distiller, spec, _ = load_student_dir(run_dir, data)
+    probe = load_probe(probe_dir, read_manifest(run_dir, "student")) if probe_dir else None
+    model = Deployable(distiller, data.meta["mean"], data.meta["std"], probe).eval()
+    metadata = {"classes": json.dumps(data.meta["classes"]), "image_shape": json.dumps(data.meta["image_shape"]),
+                "input": "uint8 NHWC images; scaling and normalisation are inside the graph",
+                "method": distiller.method, "arch": spec.arch, "head": "probe" if probe else "student",
+                "run": run_dir.name}
+    reference = torch_logits(model, data.test_images)
+    figures = {}
+    with atomic_path(out_path) as tmp:
+        export_onnx(model, tmp, tuple(data.meta["image_shape"]), opset, metadata)
+        for bs, images in gate_images(data.test_images, batch_sizes, batch_one_images).items():
+            figures[bs] = parity_gate(tmp, reference, images, bs, atol, min_agreement)
+    return {"max_abs_diff": max(f["max_abs_diff"] for f in figures.values()),
+            "top1_agreement": min(f["top1_agreement"] for f in figures.values()),
+            "by_batch_size": {str(bs): {"max_abs_diff": f["max_abs_diff"], "top1_agreement": f["top1_agreement"],
+                                        "images": f["images"]} for bs, f in figures.items()},
+            **{k: v for k, v in metadata.items() if k in ("method", "arch", "head", "run")}}

@@ -1,0 +1,51 @@
+"""Stage `evaluate`: test-set metrics of the teacher and every student run, aggregated over seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import ParamsOpt, SetOpt, guarded, load
+
+
+@guarded
+def evaluate(
+    params: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    runs: Path = typer.Option(Path("runs"), help="folder of student-<method>-s<seed> and probe-... outputs"),
+    metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics JSON (dvc metrics show)"),
+    report: Path = typer.Option(Path("reports/summary.md"), help="Markdown summary table"),
+    plots: Path = typer.Option(Path("plots"), help="confusion-matrix and per-class CSVs (dvc plots show)"),
+) -> None:
+    """Top-1/top-5, per-class accuracy and confusion matrices; mean ± std over seeds, last epoch as headline."""
+    cfg = load(params, overrides)
+    from pipeline.data import load_prepared
+    from pipeline.errors import InputError
+    from pipeline.evaluation import (aggregate, confusion_rows, evaluate_pipeline, headline_metrics,
+                                     markdown_summary, per_class_rows)
+    from pipeline.io import atomic_path, write_csv, write_json
+    from pipeline.train import pick_device
+
+    prepared = load_prepared(data)
+    device = pick_device(cfg.evaluate.device)
+    teacher, runs_found, predictions = evaluate_pipeline(prepared, teacher_dir, runs, device)
+    if not runs_found:
+        raise InputError(f"no student runs (student-<method>-s<seed>) in {runs}")
+    summary = aggregate(runs_found)
+    write_json(metrics, headline_metrics(teacher, summary))
+    write_json(metrics.with_name(metrics.stem + "-details.json"),
+               {"teacher": teacher, "methods": summary, "runs": runs_found})
+    text = markdown_summary(teacher, summary)
+    with atomic_path(report) as tmp:
+        tmp.write_text(text)
+    classes = prepared.meta["classes"]
+    for name, predicted in predictions.items():
+        write_csv(plots / "confusion" / f"{name}.csv", confusion_rows(prepared.test_labels, predicted.tolist(), classes),
+                  ["actual", "predicted"])
+    write_csv(plots / "per_class.csv", per_class_rows(classes, teacher, runs_found),
+              ["class", "teacher", *[r["run"] for r in runs_found]])
+    typer.echo(text)

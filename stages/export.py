@@ -1,0 +1,37 @@
+"""Stage `export`: the distilled student as one ONNX file, kept only if it passes the parity gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import ParamsOpt, SetOpt, guarded, load
+
+
+@guarded
+def export(
+    params: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    runs: Path = typer.Option(Path("runs"), help="folder of student-<run> and probe-<run> outputs"),
+    out: Path = typer.Option(Path("models/export/model.onnx"), help="the ONNX file"),
+    metrics: Path = typer.Option(Path("metrics/export.json"), help="parity figures JSON"),
+) -> None:
+    """Export student + head with preprocessing inside the graph; check with onnx and onnxruntime (params `export`)."""
+    cfg = load(params, overrides)
+    p = cfg.export
+    from pipeline.data import load_prepared
+    from pipeline.export import export_student
+    from pipeline.io import sha256_file, write_json, write_manifest
+
+    prepared = load_prepared(data)
+    probe_dir = runs / f"probe-{p.run}" if p.head == "probe" else None
+    figures = export_student(runs / f"student-{p.run}", probe_dir, prepared, out, p.opset, p.batch_sizes,
+                             p.batch_one_images, p.atol, p.min_agreement)
+    write_json(metrics, figures)
+    write_manifest(out.parent, "export", {"seed": cfg.seed, **p.model_dump()}, inputs={"data": prepared.data_id},
+                   files={out.name: sha256_file(out)})
+    typer.echo(f"exported {p.run} ({p.head} head) -> {out}: max |logit diff| {figures['max_abs_diff']:.2e}, "
+               f"top-1 agreement {figures['top1_agreement']:.4%}")

@@ -1,0 +1,67 @@
+"""Command `predict`: run the exported ONNX student with onnxruntime (not a DVC stage)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import guarded
+
+SKIPPED_EXIT = 3
+
+
+@guarded
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files, folders of images, or .npy uint8 arrays"),
+    model: Path = typer.Option(Path("models/export/model.onnx"), help="ONNX file written by `kd export`"),
+    out: Optional[Path] = typer.Option(None, help="write predictions here (.csv or .json); default: stdout CSV"),
+    top_k: int = typer.Option(3, min=1, help="classes listed per input"),
+    provider: str = typer.Option("auto", help="auto (CUDA when onnxruntime-gpu and a GPU are there), cuda or cpu"),
+) -> None:
+    """Predict classes with onnxruntime; unreadable or wrong-sized images are named and skipped (exit code 3)."""
+    from pipeline.errors import InputError
+    from pipeline.io import atomic_path
+    from pipeline.predict import gather_inputs, model_info, pick_providers
+    from pipeline.predict import predict as run_predict
+
+    if provider not in ("auto", "cuda", "cpu"):
+        raise InputError(f"provider must be auto, cuda or cpu, not {provider!r}")
+    if not model.is_file():
+        raise InputError(f"model file not found: {model}")
+    info = model_info(model)
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise InputError(f"input not found: {', '.join(missing)}")
+    found = gather_inputs(inputs, info["image_shape"])
+    for name, reason in found.skipped:
+        typer.echo(f"skipped {name}: {reason}", err=True)
+    rows, used = run_predict(model, found, info["classes"], top_k, pick_providers(provider)) if found.images \
+        else ([], "none")
+    typer.echo(f"{len(rows)} predicted, {len(found.skipped)} skipped, provider {used}", err=True)
+    text = _format(rows, out.suffix.lower() if out else ".csv")
+    if out:
+        with atomic_path(out) as tmp:
+            tmp.write_text(text)
+    else:
+        sys.stdout.write(text)
+    if found.skipped:
+        raise typer.Exit(SKIPPED_EXIT)
+
+
+def _format(rows: list[dict], suffix: str) -> str:
+    if suffix == ".json":
+        return json.dumps(rows, indent=2) + "\n"
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["input", "class", "index", "probability", "top_k"])
+    for r in rows:
+        writer.writerow([r["input"], r["class"], r["index"], f"{r['probability']:.6f}",
+                         ";".join(f"{t['class']}:{t['probability']:.6f}" for t in r["top_k"])])
+    return buffer.getvalue()

@@ -1,0 +1,108 @@
+"""`dvc repro` of the real dvc.yaml on a small slice of the real Fashion-MNIST, then `kd predict` on PNG files."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.sources import locate_fashion_mnist
+from stages.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "prepare": {"train_subset": 400, "test_subset": 100},
+    "teacher": {"model": {"arch": "resnet34", "width": 0.0625}, "train": {"epochs": 1, "batch_size": 32}},
+    "score": {"subset_a": 200, "subset_b_per_class": 10},
+    "student": {"model": {"arch": "resnet9", "width": 0.0625}, "train": {"epochs": 2, "batch_size": 32}},
+    "export": {"batch_one_images": 20},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
+    params["prepare"]["root"] = str(locate_fashion_mnist(None, repo / "download"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    for name in ("pipeline", "stages"):  # code deps of the stages
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return repo
+
+
+def test_repro_writes_every_stage_output(repo):
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(metrics) == {"teacher", "ours", "ce"}
+    details = json.loads((repo / "metrics/evaluate-details.json").read_text())
+    runs = {r["run"]: r for r in details["runs"]}
+    assert set(runs) == {"ours-s0", "ce-s0"}
+    assert runs["ours-s0"]["probe_top1"] is not None and runs["ce-s0"]["probe_top1"] is None
+    for run in runs.values():  # evaluate's last-epoch number is the student stage's final test accuracy
+        student = json.loads((repo / f"metrics/student-{run['run']}.json").read_text())
+        assert run["top1"] == pytest.approx(student["test_acc"], abs=1e-6)
+        assert run["best_epoch_top1"] == pytest.approx(student["best_test_acc"], abs=1e-6)
+        assert sum(map(sum, run["confusion"])) == 100
+    assert "| ours | 1 |" in (repo / "reports/summary.md").read_text()
+    export = json.loads((repo / "metrics/export.json").read_text())
+    assert export["max_abs_diff"] <= 1e-4 and export["top1_agreement"] >= 0.999
+    assert set(export["by_batch_size"]) == {"1", "7", "256"}
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert "up to date" in status.stdout
+
+
+def test_predict_on_png_files_equals_evaluate(repo, tmp_path):
+    test_images = np.load(repo / "data/prepared/test_images.npy")[:30]
+    for i, image in enumerate(test_images):
+        Image.fromarray(image[..., 0]).save(tmp_path / f"{i:03d}.png")
+    (tmp_path / "zz_broken.png").write_bytes(b"\x89PNG not really")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "zz_small.png")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), "--model", str(repo / "models/export/model.onnx"),
+                                      "--out", str(tmp_path / "pred.json"), "--top-k", "2"])
+    assert result.exit_code == 3, result.output  # something was skipped
+    assert "skipped" in result.output and "zz_broken.png" in result.output and "zz_small.png" in result.output
+    rows = json.loads((tmp_path / "pred.json").read_text())
+    assert [Path(r["input"]).name for r in rows] == [f"{i:03d}.png" for i in range(30)]
+    with open(repo / "plots/confusion/ours-s0.csv") as f:
+        evaluated = [row["predicted"] for row in csv.DictReader(f)][:30]
+    assert [r["class"] for r in rows] == evaluated
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["class"] == r["class"] for r in rows)
+
+
+def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(tmp_path / "junk.onnx")])
+    assert result.exit_code == 2 and "is not an ONNX model" in result.output
+    import onnx
+
+    onnx.save_model(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(tmp_path / "other.onnx"))
+    result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(tmp_path / "other.onnx")])
+    assert result.exit_code == 2 and "not exported by this pipeline" in result.output
