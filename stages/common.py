@@ -142,15 +142,22 @@ class Live:
         self.path = path
 
     def __enter__(self):
-        from dvclive import Live as DvcLive
-
+        try:
+            from dvclive import Live as DvcLive
+        except ImportError:  # e.g. a GPU box running the stages without dvc: the manifest keeps the history
+            print("dvclive not installed: per-epoch curves are kept in the output manifest only", file=sys.stderr)
+            self.live = None
+            return self
         self.live = DvcLive(str(self.path), save_dvc_exp=False, dvcyaml=None, report=None)
         return self
 
     def __exit__(self, *exc):
-        self.live.end()
+        if self.live:
+            self.live.end()
 
     def log(self, row: dict) -> None:
+        if not self.live:
+            return
         for key, value in row.items():
             if key not in ("epoch", "seconds"):
                 self.live.log_metric(key, value)
