@@ -249,8 +249,6 @@ def test_every_command_help_mentions_all_its_options():
         if name != "predict":  # predict serves an exported model and reads no params
             assert "--params" in options and "--set" in options, name
         for option in options:
-            if option == "inputs":  # the positional argument shows as INPUTS
-                option = "INPUTS"
             assert option in result.output, (name, option)
 
 
