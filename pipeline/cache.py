@@ -51,7 +51,8 @@ def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: tor
                 out_dir: str | Path, on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict, dict]:
     """Write features of `layers` and the logits; return (file checksums, layer shapes, per-channel stats).
 
-    Files appear only once complete.
+    Batches are gathered in one float16 buffer per layer on the device (or on the host when the device is short
+    of memory) and each file is written in one sequential pass. Files appear only once complete.
     """
     out_dir = Path(out_dir)
     layers = sorted(set(layers))
@@ -62,28 +63,34 @@ def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: tor
         with autocast(device):
             probe, logits = features_and_logits(model, train.normalise(train.images[:1]), layers)
     shapes = {k: list(f.shape[1:]) for k, f in zip(layers, probe)}
+    buffers = _buffers(n, shapes, logits.shape[1], device)
     stats = {k: ChannelStats() for k in layers}
+
+    def sink(start: int, feats: list[torch.Tensor], logits: torch.Tensor) -> None:
+        stop = start + len(logits)
+        for k, f in zip(layers, feats):
+            buffers[k][start:stop] = f
+            stats[k].update(f)
+        buffers["logits"][start:stop] = logits
+
+    extract(model, train, layers, batch_size, sink, on_batch)
     names = {k: layer_file(k) for k in layers} | {"logits": LOGITS}
     with contextlib.ExitStack() as stack:
-        tmps = {k: stack.enter_context(atomic_path(out_dir / name)) for k, name in names.items()}
-        arrays = {k: np.lib.format.open_memmap(tmps[k], mode="w+", dtype=DTYPE, shape=(n, *shapes[k]))
-                  for k in layers}
-        arrays["logits"] = np.lib.format.open_memmap(tmps["logits"], mode="w+", dtype=np.float32,
-                                                     shape=(n, logits.shape[1]))
-
-        def sink(start: int, feats: list[torch.Tensor], logits: torch.Tensor) -> None:
-            stop = start + len(logits)
-            for k, f in zip(layers, feats):
-                arrays[k][start:stop] = f.to(torch.float16).cpu().numpy()
-                stats[k].update(f)
-            arrays["logits"][start:stop] = logits.float().cpu().numpy()
-
-        extract(model, train, layers, batch_size, sink, on_batch)
-        for array in arrays.values():
-            array.flush()
-        del arrays
+        for key, name in names.items():
+            with open(stack.enter_context(atomic_path(out_dir / name)), "wb") as f:
+                np.save(f, buffers.pop(key).cpu().numpy())
     files = {name: sha256_file(out_dir / name) for name in names.values()}
     return files, {str(k): shapes[k] for k in layers}, {str(k): stats[k].result() for k in layers}
+
+
+def _buffers(n: int, shapes: dict[int, list[int]], classes: int, device: torch.device) -> dict:
+    need = sum(n * int(np.prod(s)) * 2 for s in shapes.values()) + n * classes * 4
+    where = device
+    if device.type == "cuda" and need > 0.7 * torch.cuda.mem_get_info(device)[0]:
+        where = torch.device("cpu")
+    out = {k: torch.empty((n, *s), dtype=torch.float16, device=where) for k, s in shapes.items()}
+    out["logits"] = torch.empty((n, classes), dtype=torch.float32, device=where)
+    return out
 
 
 def load_cache(cache_dir: str | Path, teacher_id: str, data_id: str, layers: list[int]

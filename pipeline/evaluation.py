@@ -110,6 +110,7 @@ def evaluate_pipeline(data, teacher_dir, runs_dir, device: torch.device, batch_s
         if (probe_dir / "probe.pt").is_file():
             probe = load_probe(probe_dir, manifest)
             feats = pooled_features(distiller, test, batch_size)
-            run["probe_top1"] = classification_report(probe.logits(feats), test.labels, data.num_classes)["top1"]
+            run["probe_top1"] = classification_report(probe.logits(feats.cpu()), test.labels.cpu(),
+                                                      data.num_classes)["top1"]
         runs.append(run)
     return teacher_report, runs, predictions

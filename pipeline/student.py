@@ -42,6 +42,16 @@ def resolve_layers(params: StudentParams, student_arch: str, teacher_arch: str,
     return sorted(student), sorted(teacher)
 
 
+def layers_to_cache(methods: list[str], params: StudentParams, student_arch: str, teacher_arch: str,
+                    selected: list[int]) -> list[int]:
+    """Every teacher layer that one of `methods` distils from (the cache stage stores exactly these)."""
+    layers = set()
+    for method in methods:
+        layers |= set(resolve_layers(params.model_copy(update={"method": method}), student_arch, teacher_arch,
+                                     selected)[1])
+    return sorted(layers)
+
+
 def build_distiller(student_spec: ModelSpec, method: str, student_layers: list[int], teacher_layers: list[int],
                     teacher_shapes: list[tuple], weights: LossWeights, batch_size: int,
                     teacher: nn.Module | None) -> Distiller:

@@ -19,7 +19,7 @@ def cache(
     scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selection.json)"),
     out: Path = typer.Option(Path("cache/teacher"), help="output folder: layer_<k>.npy and manifest.json"),
 ) -> None:
-    """Cache the selected teacher layers' features (eval mode, no augmentation) for every training image."""
+    """Cache the teacher layers that the params' `methods` distil from, and the logits, for every training image."""
     cfg = load(params, overrides)
     p = cfg.cache
     from pipeline.cache import DTYPE, write_cache
@@ -35,10 +35,10 @@ def cache(
     verify_files(scores, score_manifest)
     if score_manifest["inputs"].get("teacher") != teacher_id:
         raise InputError(f"{scores} scored another teacher: rerun the score stage")
-    from pipeline.models import STANDARD_LAYERS
+    from pipeline.student import layers_to_cache
 
-    # the selected layers, plus the standard ones that the baseline methods distil from
-    layers = sorted(set(read_json(scores / "selection.json")["layers"]) | set(STANDARD_LAYERS.get(spec.arch, [])))
+    selected = read_json(scores / "selection.json")["layers"]
+    layers = layers_to_cache(cfg.methods, cfg.student, cfg.student.model.arch, spec.arch, selected)
     device = pick_device(p.device)
     model = prepare_model(model, device)
     with TaskProgress("cache", len(prepared.train_labels)) as progress:

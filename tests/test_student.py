@@ -286,3 +286,14 @@ def test_probe_stage(pipe, tmp_path):
     assert metrics["head_test_acc"] == pytest.approx(student["test_acc"])
     assert metrics["layer"] == 4 and len(metrics["trials"]) == 4
     assert metrics["probe_test_acc"] > 0.5
+
+
+def test_cache_holds_exactly_the_layers_the_methods_need():
+    from pipeline.student import layers_to_cache
+
+    params = load_params(None).student
+    selected = [9, 10, 11, 12]
+    assert layers_to_cache(["ours", "ce"], params, "resnet9", "resnet34", selected) == selected
+    assert layers_to_cache(["ce", "vkd"], params, "resnet9", "resnet34", selected) == []
+    assert layers_to_cache(["ours", "base_fkd", "sp"], params, "resnet9", "resnet34", selected) == \
+        [3, 7, 9, 10, 11, 12, 13, 16]

@@ -24,6 +24,7 @@ def write_prepared(folder, n_train=96, n_test=48, classes=3, seed=0, side=8):
 
 
 TINY_PARAMS = {
+    "methods": ["ours", "ce", "base_fkd"],  # the cache then holds the selected and the standard teacher layers
     "teacher": {"model": {"arch": "resnet34", "width": 0.0625},
                 "train": {"epochs": 1, "batch_size": 16}, "device": "cpu"},
     "score": {"subset_a": 48, "subset_b_per_class": 10, "batch_size": 40, "device": "cpu"},
