@@ -26,7 +26,7 @@ data:
 run: setup data
 	dvc repro
 	@echo
-	dvc metrics show
+	cat reports/summary.md
 
 test: setup data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

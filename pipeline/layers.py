@@ -101,10 +101,6 @@ class TimmChain:
         by_layer = dict(zip(unique, feats))
         return [by_layer[k] for k in wanted]
 
-    def head(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        raise InputError("training a head after an intermediate layer needs one of the paper's architectures, "
-                         "not a timm model")
-
 
 def layer_view(model: nn.Module) -> LayerChain | TimmChain:
     return LayerChain(model) if isinstance(model, nn.Sequential) else TimmChain(model)

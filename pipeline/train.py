@@ -16,6 +16,7 @@ from torch import nn
 from pipeline.checkpoint import load_torch, save_torch
 from pipeline.config import RecipeParams
 from pipeline.data import Augment, DeviceData
+from pipeline.errors import InputError
 from pipeline.layers import linearize
 
 
@@ -26,7 +27,6 @@ class TrainingError(RuntimeError):
 def pick_device(choice: str = "auto") -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from pipeline.errors import InputError
             raise InputError("device: cuda requested but no CUDA device is available")
         return torch.device("cuda")
     return torch.device("cpu")
@@ -163,7 +163,6 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
     optimizer = make_optimizer(model, recipe)
     steps = train.steps(recipe.batch_size, drop_last=True)
     if steps == 0:
-        from pipeline.errors import InputError
         raise InputError(f"batch_size {recipe.batch_size} exceeds the {len(train)} training samples")
     scheduler = make_scheduler(optimizer, recipe, steps)
     state = FitState()

@@ -25,7 +25,7 @@ def teacher(
     p = cfg.teacher
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
-    from pipeline.io import hash_obj, write_json, write_manifest
+    from pipeline.io import hash_obj, sha256_file, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher
 
     prepared = load_prepared(data)
@@ -48,8 +48,6 @@ def teacher(
     save_model(out / "model.pt", model, spec, data_id=prepared.data_id, classes=prepared.meta["classes"],
                mean=prepared.meta["mean"], std=prepared.meta["std"])
     write_json(metrics, summary)
-    from pipeline.io import sha256_file
-
     write_manifest(out, "teacher", section, inputs={"data": prepared.data_id},
                    files={"model.pt": sha256_file(out / "model.pt")}, extra={"history": history})
     typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")

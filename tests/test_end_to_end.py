@@ -106,3 +106,14 @@ def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
     onnx.save_model(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(tmp_path / "other.onnx"))
     result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(tmp_path / "other.onnx")])
     assert result.exit_code == 2 and "not exported by this pipeline" in result.output
+
+
+def test_failed_parity_gate_leaves_no_file(repo, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = CliRunner().invoke(app, ["export", "-p", str(repo / "params.yaml"), "--data", str(repo / "data/prepared"),
+                                      "--runs", str(repo / "runs"), "--out", str(out), "--metrics",
+                                      str(tmp_path / "e.json"), "-S", "export.atol=1e-12",
+                                      "-S", "export.batch_one_images=5"])
+    assert result.exit_code == 1
+    assert "ONNX parity gate failed" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
