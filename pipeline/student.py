@@ -87,12 +87,17 @@ class TeacherTargets:
 
     def __init__(self, layers: list[int], device: torch.device, cached: list[np.ndarray] | None = None,
                  logits: np.ndarray | None = None, teacher: nn.Module | None = None,
-                 channel_stats: dict | None = None):
+                 channel_stats: dict | None = None, memory_share: float = 0.5):
         self.layers = layers
         self.teacher = teacher
+        self.device = device
         if teacher is None:
-            self.feats = [torch.from_numpy(np.array(a)).to(device) for a in cached]  # memmap -> memory
-            self.logits = torch.from_numpy(np.array(logits)).to(device)
+            self.resident = _fits(cached + [logits], device, memory_share)
+            if self.resident:  # the whole cache on the device: a batch is one gather there
+                self.feats = [torch.from_numpy(np.array(a)).to(device) for a in cached]
+                self.logits = torch.from_numpy(np.array(logits)).to(device)
+            else:  # too big: rows are read from the memory-mapped files per batch
+                self.feats, self.logits = cached, logits
         self.stats = None
         if channel_stats is not None:
             self.stats = [(torch.tensor(channel_stats[str(k)]["mean"], device=device),
@@ -107,11 +112,25 @@ class TeacherTargets:
             self.teacher.eval()
             with autocast(x.device):
                 feats, logits = features_and_logits(self.teacher, x, self.layers)
-        else:
+        elif self.resident:
             feats, logits = [f[ids] for f in self.feats], self.logits[ids]
+        else:
+            rows = ids.cpu().numpy()
+            feats = [torch.from_numpy(f[rows]).to(self.device, non_blocking=True) for f in self.feats]
+            logits = torch.from_numpy(self.logits[rows]).to(self.device)
         if self.stats is not None:
             feats = [_standardize(f.float(), mean, std) for f, (mean, std) in zip(feats, self.stats)]
         return feats, logits.float()
+
+
+def _fits(arrays: list[np.ndarray], device: torch.device, share: float) -> bool:
+    """Whether the arrays take at most `share` of the device's free memory (of the host's RAM on a CPU)."""
+    need = sum(a.nbytes for a in arrays)
+    if device.type == "cuda":
+        return need <= share * torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return need <= share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def _standardize(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

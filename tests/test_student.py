@@ -297,3 +297,15 @@ def test_cache_holds_exactly_the_layers_the_methods_need():
     assert layers_to_cache(["ce", "vkd"], params, "resnet9", "resnet34", selected) == []
     assert layers_to_cache(["ours", "base_fkd", "sp"], params, "resnet9", "resnet34", selected) == \
         [3, 7, 9, 10, 11, 12, 13, 16]
+
+
+def test_cache_too_big_for_memory_is_read_from_the_memory_map(pipe):
+    data = load_prepared(pipe / "data")
+    _, _, teacher_id = load_teacher(pipe / "teacher", data)
+    feats, logits, _ = load_cache(pipe / "cache", teacher_id, data.data_id, [3, 13])
+    resident = TeacherTargets([3, 13], torch.device("cpu"), feats, logits)
+    mapped = TeacherTargets([3, 13], torch.device("cpu"), feats, logits, memory_share=0.0)
+    assert resident.resident and not mapped.resident
+    ids = torch.tensor([7, 0, 95, 7])
+    for a, b in zip(resident(ids, None)[0] + [resident(ids, None)[1]], mapped(ids, None)[0] + [mapped(ids, None)[1]]):
+        assert torch.equal(a, b)
