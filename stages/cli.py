@@ -11,6 +11,7 @@ from stages.predict import predict
 from stages.prepare import prepare
 from stages.probe import probe
 from stages.score import score
+from stages.show_params import params
 from stages.student import student
 from stages.teacher import teacher
 
@@ -30,6 +31,7 @@ app.command()(probe)
 app.command()(evaluate)
 app.command()(export)
 app.command()(predict)
+app.command()(params)
 
 
 if __name__ == "__main__":

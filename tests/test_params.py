@@ -242,11 +242,11 @@ def test_kd_help_lists_commands():
 def test_every_command_help_mentions_all_its_options():
     commands = command_options()
     assert set(commands) == {"prepare", "teacher", "score", "cache", "student", "probe", "evaluate", "export",
-                             "predict"}
+                             "predict", "params"}
     for name, options in commands.items():
         result = runner.invoke(app, [name, "--help"], env=HELP_ENV)
         assert result.exit_code == 0, (name, result.output)
-        if name != "predict":  # predict serves an exported model and reads no params
+        if name not in ("predict", "params"):  # these read no params file
             assert "--params" in options and "--set" in options, name
         for option in options:
             assert option in result.output, (name, option)
@@ -273,3 +273,14 @@ def test_kd_console_script_help():
                           env={"PATH": str(kd.parent), "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "--params" in done.stdout and "--out" in done.stdout and "--set" in done.stdout
+
+
+def test_params_command_lists_every_key_with_its_real_default():
+    result = runner.invoke(app, ["params", "student"])
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "0.05" in lines["student.train.lr"]  # the section's default, not RecipeParams' 0.01
+    assert "'ours'" in lines["student.method"] and "loss composition" in lines["student.method"]
+    assert all(key.startswith("student.") for key in lines)
+    bad = runner.invoke(app, ["params", "nope"])
+    assert bad.exit_code == 2 and "no params section 'nope'" in bad.output
