@@ -70,6 +70,29 @@ def load_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
         raise InputError(f"corrupt array {path}: {err}") from None
 
 
+class HashingWriter:
+    """A binary file wrapper that computes the sha256 of what is written, so large files need no second read."""
+
+    def __init__(self, f):
+        self.f, self.hash = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+def save_npy_hashed(path: str | Path, array: np.ndarray) -> str:
+    """Write `array` as .npy atomically; return the file's sha256."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            writer = HashingWriter(f)
+            np.save(writer, array)
+    return writer.hexdigest()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
