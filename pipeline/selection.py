@@ -19,3 +19,16 @@ def choose_layers(rows: list[dict], criterion: str, k: int, explicit: list[int] 
     if k > n:
         raise InputError(f"score.k is {k} but the teacher has only {n} layers")
     return select_layers(rows, criterion, k), f"top-{k} by {criterion}"
+
+
+def load_selection(scores_dir, teacher_id: str) -> list[int]:
+    """The `score` stage's selected layers, refused if changed since written or scored for another teacher."""
+    from pathlib import Path
+
+    from pipeline.io import read_json, read_manifest, verify_files
+
+    manifest = read_manifest(scores_dir, "score")
+    verify_files(scores_dir, manifest)
+    if manifest["inputs"].get("teacher") != teacher_id:
+        raise InputError(f"{scores_dir} scored another teacher: rerun the score stage")
+    return read_json(Path(scores_dir) / "selection.json")["layers"]

@@ -24,20 +24,16 @@ def cache(
     p = cfg.cache
     from pipeline.cache import DTYPE, write_cache
     from pipeline.data import load_prepared
-    from pipeline.errors import InputError
-    from pipeline.io import read_json, read_manifest, verify_files, write_manifest
+    from pipeline.io import write_manifest
+    from pipeline.selection import load_selection
     from pipeline.teacher import load_teacher
     from pipeline.train import pick_device, prepare_model
 
     prepared = load_prepared(data)
     model, spec, teacher_id = load_teacher(teacher_dir, prepared)
-    score_manifest = read_manifest(scores, "score")
-    verify_files(scores, score_manifest)
-    if score_manifest["inputs"].get("teacher") != teacher_id:
-        raise InputError(f"{scores} scored another teacher: rerun the score stage")
     from pipeline.student import layers_to_cache
 
-    selected = read_json(scores / "selection.json")["layers"]
+    selected = load_selection(scores, teacher_id)
     layers = layers_to_cache(cfg.methods, cfg.student, cfg.student.model.arch, spec.arch, selected)
     device = pick_device(p.device)
     model = prepare_model(model, device)

@@ -28,16 +28,17 @@ def student(
     p = cfg.student
     from pipeline.cache import load_cache
     from pipeline.data import load_prepared
-    from pipeline.io import hash_obj, read_json, read_manifest, sha256_file, verify_files, write_json, write_manifest
+    from pipeline.distill import METHODS
+    from pipeline.io import hash_obj, sha256_file, write_json, write_manifest
+    from pipeline.selection import load_selection
     from pipeline.student import needs_teacher, resolve_layers, save_student, train_student
     from pipeline.teacher import load_teacher
 
     prepared = load_prepared(data)
     teacher, teacher_spec, teacher_id = load_teacher(teacher_dir, prepared)
     selected = None
-    if p.method.startswith("ours") and p.teacher_layers is None:
-        verify_files(scores, read_manifest(scores, "score"))
-        selected = read_json(scores / "selection.json")["layers"]
+    if METHODS[p.method].teacher_layers == "selected" and p.teacher_layers is None:
+        selected = load_selection(scores, teacher_id)
     cache = None
     if needs_teacher(p.method) and not p.train.augment:  # with augmentation the teacher runs online
         _, teacher_layers = resolve_layers(p, p.model.arch, teacher_spec.arch, selected)

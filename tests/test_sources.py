@@ -4,7 +4,6 @@ import gzip
 import pickle
 import struct
 import tarfile
-import zlib
 
 import numpy as np
 import pytest
