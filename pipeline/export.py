@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.distill import Distiller
-from pipeline.errors import InputError
+from pipeline.errors import InputError, ParityError
 from pipeline.probe import Probe, pool
 
 PRODUCER = "logitfree-kd"
@@ -88,10 +88,6 @@ def parity_gate(path: Path, reference: np.ndarray, images: np.ndarray, batch_siz
                           f"(limit {atol:g}), top-1 agreement {result['top1_agreement']:.4%} "
                           f"(limit {min_agreement:.2%})")
     return result
-
-
-class ParityError(RuntimeError):
-    """The exported graph does not reproduce the torch model."""
 
 
 def read_metadata(path: str | Path) -> dict:

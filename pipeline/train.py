@@ -16,12 +16,8 @@ from torch import nn
 from pipeline.checkpoint import load_torch, save_torch
 from pipeline.config import RecipeParams
 from pipeline.data import Augment, DeviceData
-from pipeline.errors import InputError
+from pipeline.errors import InputError, TrainingError
 from pipeline.layers import linearize
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
 def pick_device(choice: str = "auto") -> torch.device:

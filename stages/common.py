@@ -24,16 +24,14 @@ def guarded(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pipeline.errors import InputError
+        from pipeline.errors import InputError, RunError
 
         try:
             return fn(*args, **kwargs)
         except InputError as err:
             fail(str(err), 2)
-        except Exception as err:
-            if type(err).__name__ in ("TrainingError", "ParityError"):
-                fail(str(err), 1)
-            raise
+        except RunError as err:
+            fail(str(err), 1)
 
     return wrapper
 
