@@ -6,8 +6,8 @@ import torch
 
 from pipeline.config import RecipeParams
 from pipeline.data import Augment, DeviceData
-from pipeline.models import ModelSpec, build_model
 from pipeline.errors import TrainingError
+from pipeline.models import ModelSpec, build_model
 from pipeline.train import fit, make_optimizer, make_scheduler
 
 CPU = torch.device("cpu")
