@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.data import DeviceData, Prepared
 from pipeline.errors import InputError
 from pipeline.features import extract, features_and_logits
-from pipeline.io import read_manifest, save_npy_hashed, verify_files
+from pipeline.io import read_manifest, save_npy, verify_files
 from pipeline.train import autocast
 
 DTYPE = np.float16
@@ -74,7 +74,7 @@ def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: tor
 
     extract(model, train, layers, batch_size, sink, on_batch)
     names = {k: layer_file(k) for k in layers} | {"logits": LOGITS}
-    files = {name: save_npy_hashed(out_dir / name, buffers.pop(key).cpu().numpy()) for key, name in names.items()}
+    files = {name: save_npy(out_dir / name, buffers.pop(key).cpu().numpy()) for key, name in names.items()}
     return files, {str(k): shapes[k] for k in layers}, {str(k): stats[k].result() for k in layers}
 
 

@@ -54,12 +54,6 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"corrupt JSON in {path}: {err}") from None
 
 
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-
 def load_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
@@ -84,7 +78,7 @@ class HashingWriter:
         return self.hash.hexdigest()
 
 
-def save_npy_hashed(path: str | Path, array: np.ndarray) -> str:
+def save_npy(path: str | Path, array: np.ndarray) -> str:
     """Write `array` as .npy atomically; return the file's sha256."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

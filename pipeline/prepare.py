@@ -112,8 +112,7 @@ def save_prepared(data: RawData, out_dir: str | Path) -> tuple[dict, dict[str, s
     }
     files = {}
     for name in ARRAYS:
-        save_npy(out_dir / f"{name}.npy", getattr(data, name))
-        files[f"{name}.npy"] = sha256_file(out_dir / f"{name}.npy")
+        files[f"{name}.npy"] = save_npy(out_dir / f"{name}.npy", getattr(data, name))
     write_json(out_dir / "meta.json", meta)
     files["meta.json"] = sha256_file(out_dir / "meta.json")
     return meta, files
