@@ -78,7 +78,7 @@ def main() -> None:
 
         def step(model, ids, x, y):
             feats, t_logits = targets(ids, x)
-            return model.losses(x, y, feats, t_logits)
+            return model(x, y, feats, t_logits)
 
         synchronize(device)
         start = time.perf_counter()

@@ -70,8 +70,13 @@ class DeviceData:
 
     def batches(self, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                 generator: torch.Generator | None = None, augment: "Augment | None" = None,
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (sample ids, images, labels). `generator` (a CPU generator) drives shuffling and augmentation."""
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (sample ids, images, labels). `generator` (a CPU generator) drives shuffling and augmentation.
+
+        With `shard=(rank, world)` each global batch is drawn and augmented as in one process, and this rank
+        keeps every world-th sample of it.
+        """
+        rank, world = shard
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
@@ -80,6 +85,8 @@ class DeviceData:
             x = self.normalise(self.images[ids])
             if augment is not None:
                 x = augment(x, generator)
+            if world > 1:
+                ids, x = ids[rank::world], x[rank::world]
             yield ids, x, self.labels[ids]
 
 

@@ -119,8 +119,10 @@ class Distiller(nn.Module):
             self.tail.eval()  # the borrowed teacher tail stays frozen in eval mode
         return self
 
-    # --- inference -----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, teacher_feats=None, teacher_logits=None):
+        """Logits for `x`; with labels (training, also through DistributedDataParallel) `losses(...)` instead."""
+        if y is not None:
+            return self.losses(x, y, teacher_feats, teacher_logits)
         if self.tail is None:
             return self.student(x)
         return self._simkd_logits(self.view.collect(x, [self.student_layers[-1]])[0])

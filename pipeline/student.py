@@ -165,9 +165,9 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
         feats, logits, _ = cache  # features of teacher_layers, in that order
         targets = TeacherTargets(teacher_layers, device, feats, logits, channel_stats=stats)
 
-    def step_loss(model: Distiller, ids, x, y):
+    def step_loss(model, ids, x, y):  # model: the Distiller, or DistributedDataParallel around it
         t_feats, t_logits = targets(ids, x)
-        return model.losses(x, y, t_feats, t_logits)
+        return model(x, y, t_feats, t_logits)
 
     recipe = params.train
     if params.peak_lr == "max_lr":

@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.checkpoint import load_torch, save_torch
 from pipeline.config import RecipeParams
+from pipeline import distributed
 from pipeline.data import Augment, DeviceData
 from pipeline.errors import InputError, TrainingError
 from pipeline.layers import linearize
@@ -24,7 +25,7 @@ def pick_device(choice: str = "auto") -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise InputError("device: cuda requested but no CUDA device is available")
-        return torch.device("cuda")
+        return torch.device("cuda", distributed.local_rank())
     return torch.device("cpu")
 
 
@@ -96,7 +97,7 @@ def train_one_epoch(model, data: DeviceData, optimizer, scheduler, recipe: Recip
     seen = 0
     augment = Augment() if recipe.augment else None
     for ids, x, y in data.batches(recipe.batch_size, shuffle=True, drop_last=True, generator=generator,
-                                  augment=augment):
+                                  augment=augment, shard=distributed.rank_and_world()):
         with autocast(device):
             loss, logits, terms = step_loss(model, ids, x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -112,7 +113,11 @@ def train_one_epoch(model, data: DeviceData, optimizer, scheduler, recipe: Recip
             on_step(len(y))
     if not per_batch(scheduler):
         scheduler.step()
-    means = {name: value.item() / max(seen, 1) for name, value in sums.items()}
+    names = list(sums)
+    totals = distributed.all_reduce_sum(torch.stack([sums[k] for k in names] + [correct.float(),
+                                                     torch.tensor(float(seen), device=device)]))
+    seen, correct = totals[-1].item(), totals[-2]
+    means = {name: value.item() / max(seen, 1) for name, value in zip(names, totals)}
     bad = [name for name, value in means.items() if not math.isfinite(value)]
     if bad:
         raise TrainingError(f"non-finite training loss ({', '.join(bad)}); lower the learning rate")
@@ -160,6 +165,10 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
     steps = train.steps(recipe.batch_size, drop_last=True)
     if steps == 0:
         raise InputError(f"batch_size {recipe.batch_size} exceeds the {len(train)} training samples")
+    world = distributed.rank_and_world()[1]
+    if recipe.batch_size % world:
+        raise InputError(f"batch_size {recipe.batch_size} (global) is not divisible by the {world} processes")
+    trained = distributed.wrap(model)  # evaluation and checkpoints use `model` itself
     scheduler = make_scheduler(optimizer, recipe, steps)
     state = FitState()
     if resume_path is not None and resume_path.is_file():
@@ -176,12 +185,12 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout and other in-model randomness
         start = time.perf_counter()
         row = {"epoch": epoch + 1,
-               **train_one_epoch(model, train, optimizer, scheduler, recipe, generator, on_step, step_loss)}
+               **train_one_epoch(trained, train, optimizer, scheduler, recipe, generator, on_step, step_loss)}
         row["seconds"] = time.perf_counter() - start
         row["img_per_s"] = steps * recipe.batch_size / row["seconds"]
         row.update(evaluate(model, test, recipe.eval_batch_size))
         state.epoch, state.history = epoch + 1, state.history + [row]
-        if resume_path is not None:
+        if resume_path is not None and distributed.is_main():
             save_torch(resume_path, {"resume_key": resume_key, "epoch": state.epoch, "history": state.history,
                                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -160,3 +161,19 @@ class Live:
             if key not in ("epoch", "seconds"):
                 self.live.log_metric(key, value)
         self.live.next_step()
+
+
+@contextlib.contextmanager
+def training_callbacks(title: str, epochs: int, live_dir: Path):
+    """Progress display and dvclive curves for `pipeline.train.fit`; none on ranks other than 0 (torchrun)."""
+    from pipeline import distributed
+
+    if not distributed.is_main():
+        yield {}
+        return
+    with EpochProgress(title, epochs) as progress, Live(live_dir) as live:
+        def on_epoch(row: dict) -> None:
+            progress.epoch_end(row)
+            live.log(row)
+
+        yield {"on_epoch_start": progress.epoch_start, "on_step": progress.step, "on_epoch": on_epoch}

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stages.common import EpochProgress, Live, ParamsOpt, SetOpt, guarded, load
+from stages.common import ParamsOpt, SetOpt, guarded, load, training_callbacks
 
 
 @guarded
@@ -26,6 +26,7 @@ def student(
     """Train the student; `ours` trains its backbone with feature losses only (logit-free)."""
     cfg = load(params, overrides)
     p = cfg.student
+    from pipeline import distributed
     from pipeline.cache import load_cache
     from pipeline.data import load_prepared
     from pipeline.distill import METHODS
@@ -34,6 +35,7 @@ def student(
     from pipeline.student import needs_teacher, resolve_layers, save_student, train_student
     from pipeline.teacher import load_teacher
 
+    distributed.init_from_env()
     prepared = load_prepared(data)
     teacher, teacher_spec, teacher_id = load_teacher(teacher_dir, prepared)
     selected = None
@@ -46,14 +48,11 @@ def student(
     section = {"seed": cfg.seed, **p.model_dump()}
     key = hash_obj({"params": section, "data": prepared.data_id, "teacher": teacher_id})
     resume = resume_dir / f"student-{key}.pt"
-    with EpochProgress(f"student {p.method}", p.train.epochs) as progress, Live(live_dir) as live:
-        def on_epoch(row: dict) -> None:
-            progress.epoch_end(row)
-            live.log(row)
-
-        distiller, summary, history = train_student(
-            prepared, p, cfg.seed, teacher, teacher_spec, selected, cache, resume, key,
-            on_epoch_start=progress.epoch_start, on_step=progress.step, on_epoch=on_epoch)
+    with training_callbacks(f"student {p.method}", p.train.epochs, live_dir) as callbacks:
+        distiller, summary, history = train_student(prepared, p, cfg.seed, teacher, teacher_spec, selected,
+                                                    cache, resume, key, **callbacks)
+    if not distributed.is_main():
+        return
     save_student(out / "model.pt", distiller, teacher_spec, data_id=prepared.data_id,
                  classes=prepared.meta["classes"], mean=prepared.meta["mean"], std=prepared.meta["std"])
     resume.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stages.common import EpochProgress, Live, ParamsOpt, SetOpt, guarded, load
+from stages.common import ParamsOpt, SetOpt, guarded, load, training_callbacks
 
 
 @guarded
@@ -23,11 +23,13 @@ def teacher(
     """Train the teacher on the prepared data (params section `teacher`), resumable after a kill."""
     cfg = load(params, overrides)
     p = cfg.teacher
+    from pipeline import distributed
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
     from pipeline.io import hash_obj, sha256_file, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher
 
+    distributed.init_from_env()
     prepared = load_prepared(data)
     section = {"seed": cfg.seed, **p.model_dump()}
     if p.checkpoint:
@@ -36,14 +38,10 @@ def teacher(
     else:
         key = hash_obj({"params": section, "data": prepared.data_id})
         resume = resume_dir / f"teacher-{key}.pt"
-        with EpochProgress("teacher", p.train.epochs) as progress, Live(live_dir) as live:
-            def on_epoch(row: dict) -> None:
-                progress.epoch_end(row)
-                live.log(row)
-
-            model, spec, summary, history = train_teacher(
-                prepared, p, cfg.seed, resume, key, on_epoch_start=progress.epoch_start,
-                on_step=progress.step, on_epoch=on_epoch)
+        with training_callbacks("teacher", p.train.epochs, live_dir) as callbacks:
+            model, spec, summary, history = train_teacher(prepared, p, cfg.seed, resume, key, **callbacks)
+        if not distributed.is_main():
+            return
         resume.unlink(missing_ok=True)
     save_model(out / "model.pt", model, spec, data_id=prepared.data_id, classes=prepared.meta["classes"],
                mean=prepared.meta["mean"], std=prepared.meta["std"])

@@ -1,0 +1,51 @@
+"""torchrun support: the process group from the environment; each rank trains on its slice of the global batch.
+
+Launch any training stage as `torchrun --nproc-per-node N -m stages.cli teacher ...` (multi-node through
+torchrun's rendezvous options). `batch_size` stays the GLOBAL batch and `lr` applies to it unchanged, so N
+processes follow the same optimisation as one process with that batch. Rank 0 alone logs and writes outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): nccl on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when running under torchrun, else `model` itself."""
+    if rank_and_world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [local_rank()] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids)
