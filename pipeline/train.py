@@ -56,9 +56,11 @@ def make_optimizer(model: nn.Module, recipe: RecipeParams) -> torch.optim.Optimi
     groups = [{"params": [p for p in params if id(p) not in head], "lr": recipe.lr * recipe.backbone_lr_scale},
               {"params": [p for p in params if id(p) in head], "lr": recipe.lr}]
     groups = [g for g in groups if g["params"]]
+    fused = all(p.is_cuda for p in params)  # one kernel for the whole update instead of one per tensor
     if recipe.recipe == "sgd_multistep":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                               fused=fused or None)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: RecipeParams, steps_per_epoch: int):
