@@ -123,7 +123,8 @@ class EvaluateParams(Section):
 
 
 class ExportParams(Section):
-    run: str = Field("ours-s0", description="student run to export (runs/student-<run>)")
+    run: Optional[str] = Field(None, description="student run to export (runs/student-<run>, e.g. ours-s0); "
+                                                 "null: the first of `methods` with the first of `seeds`")
     head: Literal["student", "probe"] = Field("student", description="the head trained with the student or the probe")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset, pinned")
     batch_sizes: list[PositiveInt] = Field([1, 7, 256], description="parity-gate batch sizes (1, odd, large)")

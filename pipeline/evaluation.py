@@ -77,9 +77,13 @@ def markdown_summary(teacher: dict, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_pipeline(data, teacher_dir, runs_dir, device: torch.device, batch_size: int = 1024
-                      ) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
-    """Teacher report, one report per student run (head and probe) and the test predictions of each model."""
+def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str], device: torch.device,
+                      batch_size: int = 1024) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    """Teacher report, one report per student run (head and probe) and the test predictions of each model.
+
+    `run_names` ("<method>-s<seed>") name the runs to evaluate, so runs left in `runs_dir` by an earlier
+    methods x seeds matrix never leak into the report.
+    """
     from pathlib import Path
 
     from pipeline.io import read_manifest
@@ -94,7 +98,7 @@ def evaluate_pipeline(data, teacher_dir, runs_dir, device: torch.device, batch_s
     teacher_report = classification_report(logits, test.labels, data.num_classes)
     predictions = {"teacher": logits.argmax(1).cpu()}
     runs = []
-    for run_dir in sorted(Path(runs_dir).glob("student-*")):
+    for run_dir in [Path(runs_dir) / f"student-{name}" for name in run_names]:
         manifest = read_manifest(run_dir, "student")
         method, seed = manifest["params"]["method"], manifest["params"]["seed"]
         distiller, _, _ = load_student_dir(run_dir, data)

@@ -21,10 +21,9 @@ def evaluate(
     report: Path = typer.Option(Path("reports/summary.md"), help="Markdown summary table"),
     plots: Path = typer.Option(Path("plots"), help="confusion-matrix and per-class CSVs (dvc plots show)"),
 ) -> None:
-    """Top-1/top-5, per-class accuracy and confusion matrices; mean ± std over seeds, last epoch as headline."""
+    """Teacher and the params' methods x seeds runs: top-1/top-5, per-class, confusion; mean ± std over seeds."""
     cfg = load(params, overrides)
     from pipeline.data import load_prepared
-    from pipeline.errors import InputError
     from pipeline.evaluation import (aggregate, confusion_rows, evaluate_pipeline, headline_metrics,
                                      markdown_summary, per_class_rows)
     from pipeline.io import atomic_path, write_csv, write_json
@@ -32,9 +31,8 @@ def evaluate(
 
     prepared = load_prepared(data)
     device = pick_device(cfg.evaluate.device)
-    teacher, runs_found, predictions = evaluate_pipeline(prepared, teacher_dir, runs, device)
-    if not runs_found:
-        raise InputError(f"no student runs (student-<method>-s<seed>) in {runs}")
+    names = [f"{method}-s{seed}" for method in cfg.methods for seed in cfg.seeds]
+    teacher, runs_found, predictions = evaluate_pipeline(prepared, teacher_dir, runs, names, device)
     summary = aggregate(runs_found)
     write_json(metrics, headline_metrics(teacher, summary))
     write_json(metrics.with_name(metrics.stem + "-details.json"),

@@ -27,11 +27,12 @@ def export(
     from pipeline.io import sha256_file, write_json, write_manifest
 
     prepared = load_prepared(data)
-    probe_dir = runs / f"probe-{p.run}" if p.head == "probe" else None
-    figures = export_student(runs / f"student-{p.run}", probe_dir, prepared, out, p.opset, p.batch_sizes,
+    run = p.run or f"{cfg.methods[0]}-s{cfg.seeds[0]}"
+    probe_dir = runs / f"probe-{run}" if p.head == "probe" else None
+    figures = export_student(runs / f"student-{run}", probe_dir, prepared, out, p.opset, p.batch_sizes,
                              p.batch_one_images, p.atol, p.min_agreement)
     write_json(metrics, figures)
     write_manifest(out.parent, "export", {"seed": cfg.seed, **p.model_dump()}, inputs={"data": prepared.data_id},
                    files={out.name: sha256_file(out)})
-    typer.echo(f"exported {p.run} ({p.head} head) -> {out}: max |logit diff| {figures['max_abs_diff']:.2e}, "
+    typer.echo(f"exported {run} ({p.head} head) -> {out}: max |logit diff| {figures['max_abs_diff']:.2e}, "
                f"top-1 agreement {figures['top1_agreement']:.4%}")

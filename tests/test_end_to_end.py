@@ -64,7 +64,7 @@ def test_repro_writes_every_stage_output(repo):
     details = json.loads((repo / "metrics/evaluate-details.json").read_text())
     runs = {r["run"]: r for r in details["runs"]}
     assert set(runs) == {"ours-s0", "ce-s0"}
-    assert runs["ours-s0"]["probe_top1"] is not None and runs["ce-s0"]["probe_top1"] is None
+    assert runs["ours-s0"]["probe_top1"] is not None and runs["ce-s0"]["probe_top1"] is not None
     for run in runs.values():  # evaluate's last-epoch number is the student stage's final test accuracy
         student = json.loads((repo / f"metrics/student-{run['run']}.json").read_text())
         assert run["top1"] == pytest.approx(student["test_acc"], abs=1e-6)
@@ -117,3 +117,17 @@ def test_failed_parity_gate_leaves_no_file(repo, tmp_path):
     assert result.exit_code == 1
     assert "ONNX parity gate failed" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_reads_only_the_runs_of_the_current_matrix(repo, tmp_path):
+    stale = repo / "runs/student-vkd-s5"
+    shutil.copytree(repo / "runs/student-ours-s0", stale)
+    try:
+        result = CliRunner().invoke(app, ["evaluate", "-p", str(repo / "params.yaml"), "--data",
+                                          str(repo / "data/prepared"), "--teacher", str(repo / "models/teacher"),
+                                          "--runs", str(repo / "runs"), "--metrics", str(tmp_path / "e.json"),
+                                          "--report", str(tmp_path / "s.md"), "--plots", str(tmp_path / "p")])
+    finally:
+        shutil.rmtree(stale)
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((tmp_path / "e.json").read_text())) == {"teacher", "ours", "ce"}
