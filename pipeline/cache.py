@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.data import DeviceData, Prepared
 from pipeline.errors import InputError
 from pipeline.features import extract, features_and_logits
-from pipeline.io import read_manifest, save_npy, verify_files
+from pipeline.io import read_verified, save_npy
 from pipeline.train import autocast
 
 DTYPE = np.float16
@@ -94,15 +94,10 @@ def load_cache(cache_dir: str | Path, teacher_id: str, data_id: str, layers: lis
 
     Refused unless they come from this teacher and data and hold these layers.
     """
-    manifest = read_manifest(cache_dir, "cache")
-    expected = {"teacher": teacher_id, "data": data_id}
-    for key, value in expected.items():
-        if manifest["inputs"].get(key) != value:
-            raise InputError(f"{cache_dir} was made from another {key}: rerun the cache stage")
+    manifest = read_verified(cache_dir, "cache", {"teacher": teacher_id, "data": data_id})
     missing = [k for k in layers if str(k) not in manifest["shapes"]]
     if missing:
         raise InputError(f"{cache_dir} holds layers {manifest['layers']}, not {missing}: rerun the cache stage")
-    verify_files(cache_dir, manifest)
     out = []
     for k in layers:
         array = np.load(Path(cache_dir) / layer_file(k), mmap_mode="r")

@@ -148,6 +148,16 @@ def read_manifest(out_dir: str | Path, stage: str) -> dict:
     return manifest
 
 
+def read_verified(out_dir: str | Path, stage: str, inputs: dict[str, str]) -> dict:
+    """A stage's manifest, refused if its files changed since, or if it was made from other `inputs`."""
+    manifest = read_manifest(out_dir, stage)
+    for key, value in inputs.items():
+        if manifest["inputs"].get(key) != value:
+            raise InputError(f"{out_dir} was made from another {key}: rerun the {stage} stage")
+    verify_files(out_dir, manifest)
+    return manifest
+
+
 def manifest_id(manifest: dict) -> str:
     """Identity of a stage's outputs: the hash of their checksums and params."""
     return hash_obj({"files": manifest["files"], "params_hash": manifest["params_hash"]})

@@ -115,12 +115,8 @@ def load_probe(probe_dir, student_manifest: dict) -> Probe:
     from pathlib import Path
 
     from pipeline.checkpoint import load_torch
-    from pipeline.errors import InputError
-    from pipeline.io import manifest_id, read_manifest, verify_files
+    from pipeline.io import manifest_id, read_verified
 
-    manifest = read_manifest(probe_dir, "probe")
-    verify_files(probe_dir, manifest)
-    if manifest["inputs"].get("student") != manifest_id(student_manifest):
-        raise InputError(f"{probe_dir} was fitted on another student: rerun the probe stage")
+    read_verified(probe_dir, "probe", {"student": manifest_id(student_manifest)})
     ckpt = load_torch(Path(probe_dir) / "probe.pt")
     return Probe(ckpt["weight"], ckpt["bias"], ckpt["mean"], ckpt["std"], ckpt["weight_decay"])

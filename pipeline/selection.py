@@ -25,10 +25,7 @@ def load_selection(scores_dir, teacher_id: str) -> list[int]:
     """The `score` stage's selected layers, refused if changed since written or scored for another teacher."""
     from pathlib import Path
 
-    from pipeline.io import read_json, read_manifest, verify_files
+    from pipeline.io import read_json, read_verified
 
-    manifest = read_manifest(scores_dir, "score")
-    verify_files(scores_dir, manifest)
-    if manifest["inputs"].get("teacher") != teacher_id:
-        raise InputError(f"{scores_dir} scored another teacher: rerun the score stage")
+    read_verified(scores_dir, "score", {"teacher": teacher_id})
     return read_json(Path(scores_dir) / "selection.json")["layers"]

@@ -209,11 +209,8 @@ def load_student(path: str | Path) -> tuple[Distiller, ModelSpec, dict]:
 
 def load_student_dir(student_dir: str | Path, data: Prepared) -> tuple[Distiller, ModelSpec, str]:
     """The `student` stage's model, refused if its files changed or it was trained on other data; with its id."""
-    from pipeline.io import manifest_id, read_manifest, verify_files
+    from pipeline.io import manifest_id, read_verified
 
-    manifest = read_manifest(student_dir, "student")
-    verify_files(student_dir, manifest)
-    if manifest["inputs"].get("data") != data.data_id:
-        raise InputError(f"{student_dir} was trained on other prepared data: rerun the student stage")
+    manifest = read_verified(student_dir, "student", {"data": data.data_id})
     distiller, spec, _ = load_student(Path(student_dir) / "model.pt")
     return distiller, spec, manifest_id(manifest)

@@ -60,11 +60,8 @@ def train_teacher(data: Prepared, params: TeacherParams, seed: int, resume_path:
 
 def load_teacher(teacher_dir: str | Path, data: Prepared) -> tuple[nn.Module, ModelSpec, str]:
     """The `teacher` stage's model, refused if its files changed or it was made from other data; with its id."""
-    from pipeline.io import manifest_id, read_manifest, verify_files
+    from pipeline.io import manifest_id, read_verified
 
-    manifest = read_manifest(teacher_dir, "teacher")
-    verify_files(teacher_dir, manifest)
-    if manifest["inputs"].get("data") != data.data_id:
-        raise InputError(f"{teacher_dir} was made from other prepared data: rerun the teacher stage")
+    manifest = read_verified(teacher_dir, "teacher", {"data": data.data_id})
     model, spec, _ = load_model(Path(teacher_dir) / "model.pt")
     return model, spec, manifest_id(manifest)

@@ -43,24 +43,19 @@ def load(params: Path, overrides: Optional[list[str]]):
     return load_params(params, overrides or [])
 
 
-class EpochProgress:
-    """Epoch and step progress with img/s: a rich bar on a terminal, plain lines otherwise."""
+class _Bars:
+    """rich progress bars with a rate column on a terminal (stderr); plain lines when it is not one."""
 
-    def __init__(self, title: str, epochs: int):
+    def __init__(self):
         from rich.console import Console
 
         self.console = Console(stderr=True)
-        self.title, self.epochs = title, epochs
-        self.live = self.console.is_terminal
         self.progress = None
-        if self.live:
+        if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                     console=self.console)
-            self.epoch_task = self.progress.add_task(f"{title} epochs", total=epochs, rate="")
-            self.step_task = self.progress.add_task("steps", total=1, rate="")
+                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
 
     def __enter__(self):
         if self.progress:
@@ -70,6 +65,23 @@ class EpochProgress:
     def __exit__(self, *exc):
         if self.progress:
             self.progress.stop()
+
+    def note(self, line: str) -> None:
+        if self.progress:
+            self.progress.console.print(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+class EpochProgress(_Bars):
+    """Epochs and steps of a training run, with img/s."""
+
+    def __init__(self, title: str, epochs: int):
+        super().__init__()
+        self.title, self.epochs = title, epochs
+        if self.progress:
+            self.epoch_task = self.progress.add_task(f"{title} epochs", total=epochs, rate="")
+            self.step_task = self.progress.add_task("steps", total=1, rate="")
 
     def epoch_start(self, epoch: int, steps: int) -> None:
         self.images, self.started = 0, time.perf_counter()
@@ -84,41 +96,28 @@ class EpochProgress:
             self.progress.update(self.step_task, advance=1, rate=f"{rate:,.0f} img/s")
 
     def epoch_end(self, row: dict) -> None:
-        line = (f"{self.title} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f}  "
-                f"train acc {row['train_acc']:.4f}  test acc {row['test_acc']:.4f}  "
-                f"{row['img_per_s']:,.0f} img/s")
         if self.progress:
             self.progress.update(self.epoch_task, completed=row["epoch"])
-            self.progress.console.print(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        self.note(f"{self.title} epoch {row['epoch']}/{self.epochs}  loss {row['train_loss']:.4f}  "
+                  f"train acc {row['train_acc']:.4f}  test acc {row['test_acc']:.4f}  "
+                  f"{row['img_per_s']:,.0f} img/s")
 
 
-class TaskProgress:
-    """One bar over `total` items with a rate column (rich on a terminal, a final line otherwise)."""
+class TaskProgress(_Bars):
+    """One bar over `total` items with a rate; a summary line at the end."""
 
     def __init__(self, title: str, total: int, unit: str = "img"):
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.title, self.total, self.unit = title, total, unit
-        self.done, self.progress = 0, None
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self.console)
+        super().__init__()
+        self.title, self.unit, self.done = title, unit, 0
+        if self.progress:
             self.task = self.progress.add_task(title, total=total, rate="")
 
     def __enter__(self):
         self.started = time.perf_counter()
-        if self.progress:
-            self.progress.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        if self.progress:
-            self.progress.stop()
+        super().__exit__(*exc)
         if exc[0] is None:
             print(f"{self.title}: {self.done:,} {self.unit} at {self.rate():,.1f} {self.unit}/s", file=sys.stderr)
 
@@ -129,9 +128,6 @@ class TaskProgress:
         self.done += n
         if self.progress:
             self.progress.update(self.task, advance=n, rate=f"{self.rate():,.0f} {self.unit}/s")
-
-    def note(self, line: str) -> None:
-        (self.progress.console.print if self.progress else lambda s: print(s, file=sys.stderr, flush=True))(line)
 
 
 class Live:

@@ -147,4 +147,4 @@ def test_cache_refuses_scores_of_another_teacher(trained):
     manifest["inputs"]["teacher"] = "0" * 16
     (trained / "scores_old/manifest.json").write_text(json.dumps(manifest))
     result = cache(trained, scores="scores_old", out="cache_old")
-    assert result.exit_code == 2 and "scored another teacher" in result.output
+    assert result.exit_code == 2 and "was made from another teacher" in result.output
