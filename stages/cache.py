@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from stages.common import ParamsOpt, SetOpt, TaskProgress, guarded, load
+from stages.common import DataOpt, ParamsOpt, SetOpt, TaskProgress, TeacherOpt, guarded, load
 
 
 @guarded
 def cache(
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
-    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
-    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    data: Path = DataOpt,
+    teacher_dir: Path = TeacherOpt,
     scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selection.json)"),
     out: Path = typer.Option(Path("cache/teacher"), help="output folder: layer_<k>.npy and manifest.json"),
 ) -> None:

@@ -13,6 +13,8 @@ import typer
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (one section per stage)")
 SetOpt = typer.Option(None, "--set", "-S", help="override a param, e.g. -S teacher.train.epochs=3 (repeatable)")
+DataOpt = typer.Option(Path("data/prepared"), help="output folder of `prepare`")
+TeacherOpt = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`")
 
 
 def fail(message: str, code: int = 2) -> None:

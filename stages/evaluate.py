@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from stages.common import ParamsOpt, SetOpt, guarded, load
+from stages.common import DataOpt, ParamsOpt, SetOpt, TeacherOpt, guarded, load
 
 
 @guarded
 def evaluate(
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
-    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
-    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    data: Path = DataOpt,
+    teacher_dir: Path = TeacherOpt,
     runs: Path = typer.Option(Path("runs"), help="folder of student-<method>-s<seed> and probe-... outputs"),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics JSON (dvc metrics show)"),
     report: Path = typer.Option(Path("reports/summary.md"), help="Markdown summary table"),

@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from stages.common import ParamsOpt, SetOpt, guarded, load
+from stages.common import DataOpt, ParamsOpt, SetOpt, guarded, load
 
 
 @guarded
 def export(
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
-    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    data: Path = DataOpt,
     runs: Path = typer.Option(Path("runs"), help="folder of student-<run> and probe-<run> outputs"),
     out: Path = typer.Option(Path("models/export/model.onnx"), help="the ONNX file"),
     metrics: Path = typer.Option(Path("metrics/export.json"), help="parity figures JSON"),

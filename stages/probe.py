@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from stages.common import ParamsOpt, SetOpt, guarded, load
+from stages.common import DataOpt, ParamsOpt, SetOpt, guarded, load
 
 
 @guarded
 def probe(
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
-    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    data: Path = DataOpt,
     student_dir: Path = typer.Option(Path("models/student"), "--student", help="output folder of `student`"),
     out: Path = typer.Option(Path("models/probe"), help="output folder: probe.pt and manifest.json"),
     metrics: Path = typer.Option(Path("metrics/probe.json"), help="probe metrics JSON"),

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stages.common import ParamsOpt, SetOpt, TaskProgress, guarded, load
+from stages.common import DataOpt, ParamsOpt, SetOpt, TaskProgress, TeacherOpt, guarded, load
 
 COLUMNS = ["layer", "S", "I", "E", "Q", "sqrtIE", "dims", "mean_min_intra", "mean_entropy", "M", "r", "K",
            "n_a", "n_b"]
@@ -17,8 +17,8 @@ COLUMNS = ["layer", "S", "I", "E", "Q", "sqrtIE", "dims", "mean_min_intra", "mea
 def score(
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
-    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
-    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    data: Path = DataOpt,
+    teacher_dir: Path = TeacherOpt,
     out: Path = typer.Option(Path("scores"), help="output folder: layers.json/.csv, selection.json, manifest"),
 ) -> None:
     """Score every teacher layer on the training split (params section `score`) and select the layers to distil."""

@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from stages.common import ParamsOpt, SetOpt, guarded, load, training_callbacks
+from stages.common import DataOpt, ParamsOpt, SetOpt, TeacherOpt, guarded, load, training_callbacks
 
 
 @guarded
 def student(
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
-    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
-    teacher_dir: Path = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`"),
+    data: Path = DataOpt,
+    teacher_dir: Path = TeacherOpt,
     scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selected layers)"),
     cache_dir: Path = typer.Option(Path("cache/teacher"), "--cache", help="output folder of `cache`"),
     out: Path = typer.Option(Path("models/student"), help="output folder: model.pt and manifest.json"),

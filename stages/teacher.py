@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from stages.common import ParamsOpt, SetOpt, guarded, load, training_callbacks
+from stages.common import DataOpt, ParamsOpt, SetOpt, guarded, load, training_callbacks
 
 
 @guarded
 def teacher(
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
-    data: Path = typer.Option(Path("data/prepared"), help="output folder of `prepare`"),
+    data: Path = DataOpt,
     out: Path = typer.Option(Path("models/teacher"), help="output folder: model.pt and manifest.json"),
     metrics: Path = typer.Option(Path("metrics/teacher.json"), help="final metrics JSON"),
     live_dir: Path = typer.Option(Path("dvclive/teacher"), help="dvclive folder for per-epoch curves"),
