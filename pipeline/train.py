@@ -50,6 +50,11 @@ def classifier_params(model: nn.Module) -> set[int]:
     return {id(p) for m in chain[first:] for p in m.parameters()}
 
 
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """The training step's module under torch.compile (fixed shapes: training batches drop the last one)."""
+    return model if mode == "none" else torch.compile(model, mode=mode)
+
+
 def make_optimizer(model: nn.Module, recipe: RecipeParams) -> torch.optim.Optimizer:
     head = classifier_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -98,8 +103,11 @@ def train_one_epoch(model, data: DeviceData, optimizer, scheduler, recipe: Recip
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     augment = Augment() if recipe.augment else None
+    graphs = recipe.compile == "reduce-overhead"
     for ids, x, y in data.batches(recipe.batch_size, shuffle=True, drop_last=True, generator=generator,
                                   augment=augment, shard=distributed.rank_and_world()):
+        if graphs:  # the previous step's graph outputs are consumed: let the next replay overwrite them
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             loss, logits, terms = step_loss(model, ids, x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -170,7 +178,7 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
     world = distributed.rank_and_world()[1]
     if recipe.batch_size % world:
         raise InputError(f"batch_size {recipe.batch_size} (global) is not divisible by the {world} processes")
-    trained = distributed.wrap(model)  # evaluation and checkpoints use `model` itself
+    trained = compiled(distributed.wrap(model), recipe.compile)  # evaluation and checkpoints use `model`
     scheduler = make_scheduler(optimizer, recipe, steps)
     state = FitState()
     if resume_path is not None and resume_path.is_file():

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,39 @@ def test_evaluate_reads_only_the_runs_of_the_current_matrix(repo, tmp_path):
         shutil.rmtree(stale)
     assert result.exit_code == 0, result.output
     assert set(json.loads((tmp_path / "e.json").read_text())) == {"teacher", "ours", "ce"}
+
+
+def test_queued_experiments_run_two_at_a_time(repo):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: a seeds x methods sweep on top of the committed pipeline."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def dvc(*args, timeout=120):
+        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
+                                text=True, timeout=timeout)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # dvc.lock and the uncached metrics, as users do
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    dvc("exp", "run", "--queue", "-n", "seed1-ours", "-S", "seeds=[1]", "-S", "methods=[ours]")
+    dvc("exp", "run", "--queue", "-n", "seed1-ce", "-S", "seeds=[1]", "-S", "methods=[ce]")
+    dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while "Queued" in (status := dvc("queue", "status")) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status + dvc("queue", "logs", "seed1-ce")
+    log = dvc("queue", "logs", "seed1-ours")
+    for stage in ("prepare", "teacher", "score"):  # the sweep reuses the committed teacher and its scores
+        assert f"Stage '{stage}' didn't change" in log, log
+    baseline = next(row for row in json.loads(dvc("exp", "show", "--json")) if row["rev"] != "workspace")
+    rows = {row["name"]: row for row in baseline["experiments"]}
+    for name, method in (("seed1-ours", "ours"), ("seed1-ce", "ce")):
+        data = rows[name]["revs"][0]["data"]
+        metrics = data["metrics"]["metrics/evaluate.json"]["data"]
+        assert set(metrics) == {"teacher", method}, metrics
+        assert 0.1 < metrics[method]["last_epoch_top1"] <= 1
+        assert data["params"]["params.yaml"]["data"]["seeds"] == [1]
+    # the sweep ran in temporary copies: the workspace still holds the baseline's outputs
+    assert set(json.loads((repo / "metrics/evaluate.json").read_text())) == {"teacher", "ours", "ce"}

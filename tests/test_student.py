@@ -199,6 +199,18 @@ def test_every_method_trains_and_lowers_its_loss(pipe, method):
     assert summary["test_acc"] > 1 / 3  # better than chance on 3 classes
 
 
+def test_compiled_training_step_matches_eager(pipe):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _, _, compiled = _train(pipe, "ours", epochs=2, **{"train.compile": "default"})
+    assert counters["stats"]["unique_graphs"] >= 1  # the step really ran through torch.compile
+    _, _, eager = _train(pipe, "ours", epochs=2)
+    for a, b in zip(compiled, eager):
+        assert a["loss_feature"] == pytest.approx(b["loss_feature"], rel=1e-4)
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 48)
+
+
 def test_distribution_aware_alignment_standardizes_targets(pipe):
     data = load_prepared(pipe / "data")
     _, _, teacher_id = load_teacher(pipe / "teacher", data)
