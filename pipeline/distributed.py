@@ -2,7 +2,8 @@
 
 Launch any training stage as `torchrun --nproc-per-node N -m stages.cli teacher ...` (multi-node through
 torchrun's rendezvous options). `batch_size` stays the GLOBAL batch and `lr` applies to it unchanged, so N
-processes follow the same optimisation as one process with that batch. Rank 0 alone logs and writes outputs.
+processes follow the same optimisation as one process with that batch, up to BatchNorm: its statistics are per
+process unless `train.sync_batchnorm` is on. Rank 0 alone logs and writes outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from pipeline.errors import InputError
 
 
 def init_from_env() -> None:
@@ -41,11 +44,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DistributedDataParallel around `model` when running under torchrun, else `model` itself."""
+def wrap(model: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when running under torchrun, else `model` itself.
+
+    With `sync_batchnorm`, `model`'s BatchNorm layers are replaced in place by SyncBatchNorm (GPUs only in torch).
+    """
     if rank_and_world()[1] == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [local_rank()] if next(model.parameters()).is_cuda else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    on_gpu = next(model.parameters()).is_cuda
+    if sync_batchnorm:
+        if not on_gpu:
+            raise InputError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[local_rank()] if on_gpu else None)

@@ -35,3 +35,13 @@ def test_two_processes_match_one(tmp_path):
     assert double["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)
     assert double["test_acc"] == single["test_acc"]
     assert result.stderr.count("teacher epoch 2/2") == 1  # rank 0 alone reports
+
+
+def test_sync_batchnorm_on_cpu_processes_is_refused(tmp_path):
+    write_prepared(tmp_path / "data")
+    params = {"teacher": {**PARAMS["teacher"], "model": {"arch": "resnet9", "width": 0.0625},
+                          "train": {**PARAMS["teacher"]["train"], "sync_batchnorm": True}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(AssertionError, match="sync_batchnorm needs CUDA devices"):
+        run(tmp_path, "double", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+    assert not (tmp_path / "double" / "model.pt").exists()
