@@ -1,0 +1,318 @@
+"""The paper's experiment (issue 7): run its grid in resumable chunks, keep every run's raw metrics, make the table.
+
+    python experiments/paper.py plan                                  # cells in run order, with their overrides
+    python experiments/paper.py run --work /tmp/paper --jobs 4 --budget-s 540 [-S key=value ...]
+    python experiments/paper.py table [--write docs/RESULTS.md]
+    python experiments/paper.py queue                                 # the grid as `dvc exp run --queue` commands
+
+`run` calls the stage commands directly (the GPU machines have no dvc), shares data, teacher, scores and cache
+between the cells that can share them, trains up to --jobs students at once on one device, and after each
+finished run rewrites experiments/results/<cell>.json: a chunk cut short keeps what it finished and the next
+chunk skips it. Extra -S overrides (e.g. fewer epochs for a smoke run) apply to every stage and key the work
+folder, so outputs made with other overrides are never reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GRID = HERE / "paper.yaml"
+RESULTS = HERE / "results"
+BEGIN, END = "<!-- paper-experiment:begin -->", "<!-- paper-experiment:end -->"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Runs that share data, teacher, scores and cache: one regime, student and layer criterion."""
+
+    regime: str
+    student: str
+    criterion: str
+    methods: tuple[str, ...]
+    regime_overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.regime}-{self.student}-{self.criterion}"
+
+    @property
+    def overrides(self) -> list[str]:
+        return [*self.regime_overrides, f"student.model.arch={self.student}", f"score.criterion={self.criterion}",
+                f"methods=[{','.join(self.methods)}]"]
+
+
+def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
+    grid = yaml.safe_load(path.read_text())
+    ablation = grid["ablation"]
+    cells = [Cell(regime, student, criterion, methods, tuple(overrides))
+             for regime, overrides in grid["regimes"].items() for student in grid["students"]
+             for criterion, methods in [("Q", tuple(grid["methods"]))]
+             + [(c, (ablation["method"],)) for c in ablation["criteria"]]]
+    return grid, cells
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class Runner:
+    """Stage commands under one work folder, each output made once and reused while it exists."""
+
+    def __init__(self, params: Path, work: Path, extra: list[str], jobs: int):
+        self.params, self.jobs = params, jobs
+        digest = hashlib.sha256((params.read_text() + "\n".join(extra)).encode()).hexdigest()[:10]
+        self.root = work / digest
+        self.extra = extra
+
+    def kd(self, stage: str, overrides: list[str], out: Path, *args: str) -> Path:
+        if (out / "manifest.json").is_file():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sets = [x for o in [*overrides, *self.extra] for x in ("-S", o)]
+        cmd = [sys.executable, "-m", "stages.cli", stage, "-p", str(self.params), *sets, "--out", str(out), *args]
+        log = out.parent / f"{out.name}.log"
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code:
+            tail = log.read_text().strip().splitlines()[-1:] or [""]
+            raise StageFailed(f"{stage} -> {out} failed (exit {code}): {tail[0]} (log: {log})")
+        return out
+
+    def prepare_cell(self, cell: Cell) -> dict:
+        """Data, teacher, scores and cache of `cell`; returns the folders and the cell's context for results."""
+        regime = self.root / cell.regime
+        sets = cell.overrides
+        data = self.kd("prepare", sets, regime / "data")
+        teacher = self.kd("teacher", sets, regime / "teacher", "--data", str(data),
+                          "--metrics", str(regime / "teacher.json"), "--live-dir", str(regime / "live-teacher"),
+                          "--resume-dir", str(self.root / "resume"))
+        scores = self.kd("score", sets, regime / cell.criterion / "scores", "--data", str(data),
+                         "--teacher", str(teacher))
+        cache = self.kd("cache", sets, regime / cell.criterion / "cache", "--data", str(data), "--teacher",
+                        str(teacher), "--scores", str(scores))
+        with open(scores / "layers.csv") as f:
+            layers = [{k: float(row[k]) for k in ("layer", "S", "I", "E", "Q", "sqrtIE")} for row in csv.DictReader(f)]
+        context = {"teacher": _read(regime / "teacher.json"), "selection": _read(scores / "selection.json"),
+                   "layers": layers}
+        return {"data": data, "teacher": teacher, "scores": scores, "cache": cache, "context": context}
+
+    def student_run(self, cell: Cell, folders: dict, method: str, seed: int) -> dict:
+        """Train one student and fit its probe; the raw metrics of the run (kept in its folder once complete)."""
+        run = self.root / cell.regime / cell.criterion / cell.student / f"{method}-s{seed}"
+        if (run / "run.json").is_file():
+            return _read(run / "run.json")
+        sets = [*cell.overrides, f"seed={seed}", f"student.method={method}"]
+        start = time.perf_counter()
+        student = self.kd("student", sets, run / "student", "--data", str(folders["data"]), "--teacher",
+                          str(folders["teacher"]), "--scores", str(folders["scores"]), "--cache",
+                          str(folders["cache"]), "--metrics", str(run / "student.json"), "--live-dir",
+                          str(run / "live"), "--resume-dir", str(self.root / "resume"))
+        self.kd("probe", sets, run / "probe", "--data", str(folders["data"]), "--student", str(student),
+                "--metrics", str(run / "probe.json"))
+        trained, probe = _read(run / "student.json"), _read(run / "probe.json")
+        entry = {"method": method, "seed": seed, "test_acc": trained["test_acc"],
+                 "best_test_acc": trained["best_test_acc"], "best_epoch": trained["best_epoch"],
+                 "epochs": trained["epochs"], "probe_test_acc": probe["probe_test_acc"],
+                 "teacher_layers": trained["teacher_layers"], "train_seconds": trained["train_seconds"],
+                 "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
+                 "device": device_name()}
+        _write_atomic(run / "run.json", json.dumps(entry))
+        return entry
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def device_name() -> str:
+    import torch  # here, not at the top: `plan`, `table` and `queue` need no torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def record(results: Path, cell: Cell, context: dict, key: str, entry: dict, info: dict) -> None:
+    path = results / f"{cell.name}.json"
+    saved = _read(path) if path.is_file() else {"runs": {}}
+    saved.update({"cell": cell.name, "regime": cell.regime, "student": cell.student, "criterion": cell.criterion,
+                  "overrides": cell.overrides, **info, **context})
+    saved["runs"][key] = entry
+    _write_atomic(path, json.dumps(saved, indent=1, sort_keys=True) + "\n")
+
+
+def run(args) -> int:
+    grid, cells = load_grid(args.grid)
+    runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs)
+    info = {"params": grid["params"], "extra_overrides": args.set or []}
+    todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
+            for method in cell.methods for seed in grid["seeds"]
+            if f"{method}-s{seed}" not in _read_runs(args.results / f"{cell.name}.json")]
+    print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
+    start, longest, prepared, running = time.perf_counter(), 0.0, {}, {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                if time.perf_counter() - start + longest > args.budget_s:
+                    print(f"budget: not starting {len(todo)} more runs", flush=True)
+                    todo = []
+                    break
+                cell, method, seed = todo.pop(0)
+                if cell.name not in prepared:
+                    prepared[cell.name] = runner.prepare_cell(cell)
+                future = pool.submit(runner.student_run, cell, prepared[cell.name], method, seed)
+                running[future] = (cell, f"{method}-s{seed}")
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell, key = running.pop(future)
+                entry = future.result()
+                longest = max(longest, entry["wall_seconds"])
+                record(args.results, cell, prepared[cell.name]["context"], key, entry, info)
+                print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe "
+                      f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s", flush=True)
+    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
+
+
+def _read_runs(path: Path) -> dict:
+    return _read(path)["runs"] if path.is_file() else {}
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _rows(cell: dict, method: str) -> list[dict]:
+    return [r for r in cell["runs"].values() if r["method"] == method]
+
+
+def table(results: Path, grid_path: Path = GRID) -> str:
+    """Markdown: per regime and student, the methods table and the layer-criterion ablation; mean ± std."""
+    grid, _ = load_grid(grid_path)
+    cells = {c["cell"]: c for c in (_read(p) for p in sorted(results.glob("*.json")))}
+    out = []
+    for regime in grid["regimes"]:
+        for student in grid["students"]:
+            main = cells.get(f"{regime}-{student}-Q")
+            if main is None:
+                continue
+            runs = main["runs"].values()
+            devices = ", ".join(sorted({f"{r['device']} ({r['jobs']} runs at a time)" for r in runs}))
+            out += [f"### {regime}, {student} student", "",
+                    f"Teacher {main['teacher']['test_acc'] * 100:.2f} % test top-1; layers selected by Q: "
+                    f"{main['selection']['layers']}. Device: {devices}.", "",
+                    "| method | seeds | last-epoch top-1 (%) | best-epoch top-1 (%) | linear probe (%) | s/run |",
+                    "|---|---|---|---|---|---|"]
+            for method in grid["methods"]:
+                rows = _rows(main, method)
+                if rows:
+                    wall = sum(r["wall_seconds"] for r in rows) / len(rows)
+                    out.append(f"| {method} | {len(rows)} | {_pm([r['test_acc'] for r in rows])} | "
+                               f"{_pm([r['best_test_acc'] for r in rows])} | "
+                               f"{_pm([r['probe_test_acc'] for r in rows])} | {wall:.0f} |")
+            out += ["", f"Layer criterion ablation ({grid['ablation']['method']}):", "",
+                    "| criterion | teacher layers | last-epoch top-1 (%) | linear probe (%) |", "|---|---|---|---|"]
+            for criterion in ["Q", *grid["ablation"]["criteria"]]:
+                cell = cells.get(f"{regime}-{student}-{criterion}")
+                rows = _rows(cell, grid["ablation"]["method"]) if cell else []
+                if rows:
+                    out.append(f"| {criterion} | {cell['selection']['layers']} | "
+                               f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} |")
+            out += ["", _q_chart(main), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _q_chart(cell: dict) -> str:
+    """Q per teacher layer as a Mermaid line chart (rendered by GitHub; no plotting dependency)."""
+    q = [round(row["Q"], 3) for row in cell["layers"]]
+    return "\n".join(["```mermaid", "xychart-beta", f'  title "Q per teacher layer ({cell["regime"]})"',
+                      f"  x-axis [{', '.join(str(int(row['layer'])) for row in cell['layers'])}]",
+                      '  y-axis "Q"', f"  line [{', '.join(map(str, q))}]", "```"])
+
+
+def write_table(doc: Path, text: str) -> None:
+    """Replace the marked section of `doc` (appended when absent)."""
+    current = doc.read_text() if doc.is_file() else ""
+    block = f"{BEGIN}\n{text}{END}"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        current = head + block + rest.split(END, 1)[1]
+    else:
+        current = current.rstrip() + ("\n\n" if current else "") + block + "\n"
+    _write_atomic(doc, current)
+
+
+def queue_commands(grid_path: Path = GRID, extra: list[str] = ()) -> list[str]:
+    grid, cells = load_grid(grid_path)
+    seeds = f"seeds=[{','.join(map(str, grid['seeds']))}]"
+    return [" ".join(["dvc exp run --queue -n", cell.name,
+                      *[f"-S '{o}'" for o in [*cell.overrides, seeds, *extra]]]) for cell in cells]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", type=Path, default=GRID)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("plan")
+    run_ap = sub.add_parser("run")
+    run_ap.add_argument("--work", type=Path, required=True, help="folder for data, models and caches")
+    run_ap.add_argument("--jobs", type=int, default=1, help="student runs at once on one device")
+    run_ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no run that would end later")
+    run_ap.add_argument("--cells", nargs="*", help="only these cells")
+    run_ap.add_argument("-S", "--set", action="append", help="extra override for every stage")
+    table_ap = sub.add_parser("table")
+    table_ap.add_argument("--write", type=Path, help="replace the marked section of this Markdown file")
+    queue_ap = sub.add_parser("queue")
+    queue_ap.add_argument("-S", "--set", action="append", default=[])
+    args = ap.parse_args(argv)
+    if args.command == "plan":
+        grid, cells = load_grid(args.grid)
+        for cell in cells:
+            done = len(_read_runs(args.results / f"{cell.name}.json"))
+            print(f"{cell.name:28s} {done:3d}/{len(cell.methods) * len(grid['seeds'])} runs  {' '.join(cell.overrides)}")
+        return 0
+    if args.command == "run":
+        try:
+            return run(args)
+        except StageFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    if args.command == "table":
+        text = table(args.results, args.grid)
+        if args.write:
+            write_table(args.write, text)
+        print(text, end="")
+        return 0
+    print("\n".join(["# from a commit whose params.yaml is the grid's base params file:", *queue_commands(
+        args.grid, args.set), "dvc queue start -j 2"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""experiments/paper.py: a small grid run in two chunks on real Fashion-MNIST, then the results table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.sources import locate_fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import paper  # noqa: E402
+
+SMALL = {"prepare": {"root": None, "train_subset": 300, "test_subset": 100},
+         "teacher": {"model": {"arch": "resnet34", "width": 0.0625}, "train": {"epochs": 1, "batch_size": 32},
+                     "device": "cpu"},
+         "score": {"subset_a": 100, "subset_b_per_class": 10, "device": "cpu"},
+         "cache": {"device": "cpu"},
+         "student": {"model": {"arch": "resnet9", "width": 0.0625}, "train": {"epochs": 2, "batch_size": 32},
+                     "device": "cpu"},
+         "probe": {"device": "cpu"}}
+
+
+def paper_cli(tmp, *args):
+    cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(tmp / "grid.yaml"), "--results",
+           str(tmp / "results"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("paper")
+    SMALL["prepare"]["root"] = str(locate_fashion_mnist(None, tmp / "download"))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(SMALL))
+    (tmp / "grid.yaml").write_text(yaml.safe_dump({
+        "params": str(tmp / "params.yaml"), "seeds": [0, 1], "regimes": {"small": []}, "students": ["resnet9"],
+        "methods": ["ce", "ours"], "ablation": {"method": "ours", "criteria": ["S"]}}))
+    first = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2", "--cells", "small-resnet9-Q")
+    assert "4 runs to do" in first
+    second = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2")  # the next chunk: the rest only
+    assert "2 runs to do" in second
+    return tmp
+
+
+def test_every_run_is_recorded_with_its_metrics(grid):
+    main = json.loads((grid / "results/small-resnet9-Q.json").read_text())
+    assert set(main["runs"]) == {"ce-s0", "ce-s1", "ours-s0", "ours-s1"}
+    work = next((grid / "work").iterdir())
+    for key, entry in main["runs"].items():
+        student = json.loads((work / f"small/Q/resnet9/{key}/student.json").read_text())
+        assert entry["test_acc"] == student["test_acc"] and entry["epochs"] == 2
+        assert 0 < entry["probe_test_acc"] <= 1 and entry["wall_seconds"] > 0
+    assert main["runs"]["ours-s0"]["teacher_layers"] == main["selection"]["layers"]
+    assert main["runs"]["ours-s0"]["test_acc"] != main["runs"]["ours-s1"]["test_acc"]  # seeds really differ
+    ablation = json.loads((grid / "results/small-resnet9-S.json").read_text())
+    assert set(ablation["runs"]) == {"ours-s0", "ours-s1"} and ablation["selection"]["criterion"] == "S"
+    assert len(main["layers"]) == 18 and {r["device"] for r in main["runs"].values()} == {"cpu"}
+
+
+def test_nothing_is_redone_and_a_spent_budget_starts_nothing(grid):
+    before = (grid / "results/small-resnet9-Q.json").read_text()
+    assert "0 runs to do" in paper_cli(grid, "run", "--work", str(grid / "work"))
+    results = json.loads(before)
+    del results["runs"]["ce-s1"]
+    (grid / "results/small-resnet9-Q.json").write_text(json.dumps(results))
+    assert "budget: not starting 1 more runs" in paper_cli(grid, "run", "--work", str(grid / "work"),
+                                                           "--budget-s", "0")
+    out = paper_cli(grid, "run", "--work", str(grid / "work"))  # the student's outputs exist: only recorded again
+    assert "1 runs to do" in out
+    assert json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
+    runs = json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"]
+    ours = [runs["ours-s0"]["test_acc"], runs["ours-s1"]["test_acc"]]
+    mean, std = sum(ours) / 2, abs(ours[0] - ours[1]) / 2 ** 0.5
+    doc = grid / "RESULTS.md"
+    doc.write_text("# Results\n\nintro\n")
+    text = paper_cli(grid, "table", "--write", str(doc))
+    assert f"| ours | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in text
+    assert "| S | " in text and "| Q | " in text and "xychart-beta" in text
+    paper_cli(grid, "table", "--write", str(doc))
+    written = doc.read_text()
+    assert written.startswith("# Results\n\nintro\n") and written.count(paper.BEGIN) == 1
+    assert text in written
+
+
+def test_plan_and_queue_cover_the_whole_grid():
+    grid, cells = paper.load_grid()
+    assert len(cells) == len(grid["regimes"]) * len(grid["students"]) * (1 + len(grid["ablation"]["criteria"]))
+    assert sum(len(c.methods) for c in cells if c.criterion == "Q") == 4 * len(grid["methods"])
+    commands = paper.queue_commands()
+    assert len(commands) == len(cells)
+    assert "-S 'prepare.train_subset=6000'" in commands[0] and "-S 'seeds=[0,1,2]'" in commands[0]
+    from pipeline.config import load_params
+
+    for cell in cells:  # every cell's overrides are valid params
+        load_params(ROOT / grid["params"], cell.overrides)
