@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io import save_npy, sha256_file, write_json
+from pipeline.io import save_npy, file_digest, write_json
 from pipeline.sources import RawData
 
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -97,7 +97,7 @@ def transform(raw: RawData, image_size: int, resize_mode: str, channels: int | N
 
 
 def save_prepared(data: RawData, out_dir: str | Path) -> tuple[dict, dict[str, str]]:
-    """Write the four arrays and meta.json; return the meta and each file's sha256."""
+    """Write the four arrays and meta.json; return the meta and each file's digest."""
     out_dir = Path(out_dir)
     mean, std = channel_stats(data.train_images)
     meta = {
@@ -114,5 +114,5 @@ def save_prepared(data: RawData, out_dir: str | Path) -> tuple[dict, dict[str, s
     for name in ARRAYS:
         files[f"{name}.npy"] = save_npy(out_dir / f"{name}.npy", getattr(data, name))
     write_json(out_dir / "meta.json", meta)
-    files["meta.json"] = sha256_file(out_dir / "meta.json")
+    files["meta.json"] = file_digest(out_dir / "meta.json")
     return meta, files

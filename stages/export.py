@@ -24,7 +24,7 @@ def export(
     p = cfg.export
     from pipeline.data import load_prepared
     from pipeline.export import export_student
-    from pipeline.io import sha256_file, write_json, write_manifest
+    from pipeline.io import file_digest, write_json, write_manifest
 
     prepared = load_prepared(data)
     run = p.run or f"{cfg.methods[0]}-s{cfg.seeds[0]}"
@@ -33,6 +33,6 @@ def export(
                              p.batch_one_images, p.atol, p.min_agreement)
     write_json(metrics, figures)
     write_manifest(out.parent, "export", {"seed": cfg.seed, **p.model_dump()}, inputs={"data": prepared.data_id},
-                   files={out.name: sha256_file(out)})
+                   files={out.name: file_digest(out)})
     typer.echo(f"exported {run} ({p.head} head) -> {out}: max |logit diff| {figures['max_abs_diff']:.2e}, "
                f"top-1 agreement {figures['top1_agreement']:.4%}")

@@ -24,7 +24,7 @@ def probe(
     p = cfg.probe
     from pipeline.checkpoint import save_torch
     from pipeline.data import load_prepared
-    from pipeline.io import sha256_file, write_json, write_manifest
+    from pipeline.io import file_digest, write_json, write_manifest
     from pipeline.probe import probe_student
     from pipeline.student import load_student_dir
     from pipeline.train import pick_device
@@ -39,6 +39,6 @@ def probe(
     write_json(metrics, summary)
     write_manifest(out, "probe", {"seed": cfg.seed, **p.model_dump()},
                    inputs={"data": prepared.data_id, "student": student_id},
-                   files={"probe.pt": sha256_file(out / "probe.pt")})
+                   files={"probe.pt": file_digest(out / "probe.pt")})
     typer.echo(f"probe (weight decay {fitted.weight_decay:g}): test acc {summary['probe_test_acc']:.4f}, "
                f"student head {summary['head_test_acc']:.4f} -> {out / 'probe.pt'}")

@@ -27,7 +27,7 @@ def score(
     import torch
 
     from pipeline.data import load_prepared
-    from pipeline.io import sha256_file, write_csv, write_json, write_manifest
+    from pipeline.io import file_digest, write_csv, write_json, write_manifest
     from pipeline.layers import layer_view
     from pipeline.scoring import score_layers
     from pipeline.selection import choose_layers
@@ -54,7 +54,7 @@ def score(
     write_json(out / "layers.json", rows)
     write_csv(out / "layers.csv", rows, COLUMNS)
     write_json(out / "selection.json", selection)
-    files = {name: sha256_file(out / name) for name in ("layers.json", "layers.csv", "selection.json")}
+    files = {name: file_digest(out / name) for name in ("layers.json", "layers.csv", "selection.json")}
     write_manifest(out, "score", {"seed": cfg.seed, **p.model_dump()},
                    inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files)
     typer.echo(f"selected teacher layers {layers} ({how}) of {spec.arch} -> {out / 'selection.json'}")

@@ -30,7 +30,7 @@ def student(
     from pipeline.cache import load_cache
     from pipeline.data import load_prepared
     from pipeline.distill import METHODS
-    from pipeline.io import hash_obj, sha256_file, write_json, write_manifest
+    from pipeline.io import hash_obj, file_digest, write_json, write_manifest
     from pipeline.selection import load_selection
     from pipeline.student import needs_teacher, resolve_layers, save_student, train_student
     from pipeline.teacher import load_teacher
@@ -60,6 +60,6 @@ def student(
                "student_layers": distiller.student_layers, **summary}
     write_json(metrics, summary)
     write_manifest(out, "student", section, inputs={"data": prepared.data_id, "teacher": teacher_id},
-                   files={"model.pt": sha256_file(out / "model.pt")}, extra={"history": history})
+                   files={"model.pt": file_digest(out / "model.pt")}, extra={"history": history})
     typer.echo(f"student {p.model.arch} ({p.method}, teacher layers {distiller.teacher_layers}): "
                f"test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) -> {out / 'model.pt'}")

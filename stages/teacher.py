@@ -26,7 +26,7 @@ def teacher(
     from pipeline import distributed
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
-    from pipeline.io import hash_obj, sha256_file, write_json, write_manifest
+    from pipeline.io import hash_obj, file_digest, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher
 
     distributed.init_from_env()
@@ -47,5 +47,5 @@ def teacher(
                mean=prepared.meta["mean"], std=prepared.meta["std"])
     write_json(metrics, summary)
     write_manifest(out, "teacher", section, inputs={"data": prepared.data_id},
-                   files={"model.pt": sha256_file(out / "model.pt")}, extra={"history": history})
+                   files={"model.pt": file_digest(out / "model.pt")}, extra={"history": history})
     typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")

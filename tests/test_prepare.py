@@ -1,7 +1,6 @@
 """pipeline/prepare.py and the `kd prepare` stage, on a tiny Fashion-MNIST written as real idx files."""
 
 import gzip
-import hashlib
 import json
 import struct
 
@@ -16,6 +15,7 @@ from pipeline.errors import InputError
 from pipeline.prepare import balanced_subset, channel_stats, fit_channels, fit_size, transform
 from pipeline.sources import FASHION_MNIST_CLASSES, RawData
 from stages.cli import app
+from test_io import block_sha256
 
 runner = CliRunner()
 ARRAY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
@@ -254,7 +254,7 @@ def test_prepare_stage_writes_arrays_meta_manifest(workdir):
     assert manifest["stage"] == "prepare" and manifest["inputs"] == {"source": "fashion-mnist"}
     assert set(manifest["files"]) == {*ARRAY_FILES, "meta.json"}
     for name, digest in manifest["files"].items():
-        assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest(), name
+        assert digest == block_sha256((out / name).read_bytes()), name
     assert manifest["params"]["seed"] == 0 and manifest["params"]["train_subset"] == 20
     assert manifest["params"]["root"] == str(tmp / "fmnist") and manifest["params"]["image_size"] == 32
     assert not list(out.glob(".*"))  # no temporary files left behind

@@ -1,0 +1,36 @@
+"""File digests: sha256 over 16 MiB blocks, computed while writing and when verifying, equal to the definition."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.io import BLOCK, file_digest, read_verified, save_npy, write_manifest
+
+
+def block_sha256(data: bytes) -> str:
+    """The digest's definition, written out plainly."""
+    blocks = [data[i:i + BLOCK] for i in range(0, max(len(data), 1), BLOCK)]
+    return hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blocks)).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1000, BLOCK - 128, 2 * BLOCK + 12345])
+def test_written_and_read_digests_equal_the_definition(tmp_path, size):
+    array = np.random.default_rng(size).integers(0, 256, size=size, dtype=np.uint8)
+    digest = save_npy(tmp_path / "a.npy", array)
+    data = (tmp_path / "a.npy").read_bytes()
+    assert digest == file_digest(tmp_path / "a.npy") == block_sha256(data)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), array)
+
+
+def test_a_flipped_byte_in_a_middle_block_is_refused(tmp_path):
+    array = np.zeros(3 * BLOCK, dtype=np.uint8)
+    files = {"a.npy": save_npy(tmp_path / "a.npy", array)}
+    write_manifest(tmp_path, "cache", {}, inputs={}, files=files)
+    read_verified(tmp_path, "cache", {})
+    with open(tmp_path / "a.npy", "r+b") as f:
+        f.seek(BLOCK + BLOCK // 2)
+        f.write(b"\x01")
+    with pytest.raises(InputError, match="does not match its manifest checksum"):
+        read_verified(tmp_path, "cache", {})
