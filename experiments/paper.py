@@ -128,6 +128,7 @@ class Runner:
                  "best_test_acc": trained["best_test_acc"], "best_epoch": trained["best_epoch"],
                  "epochs": trained["epochs"], "probe_test_acc": probe["probe_test_acc"],
                  "teacher_layers": trained["teacher_layers"], "train_seconds": trained["train_seconds"],
+                 "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
                  "device": device_name()}
         _write_atomic(run / "run.json", json.dumps(entry))
@@ -223,9 +224,11 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                 continue
             runs = main["runs"].values()
             devices = ", ".join(sorted({f"{r['device']} ({r['jobs']} runs at a time)" for r in runs}))
+            teachers = " / ".join(f"{100 * acc:.2f} %" for acc in sorted({r["teacher_test_acc"] for r in runs}))
+            selected = " / ".join(sorted({str(r["teacher_layers"]) for r in _rows(main, "ours")}))
             out += [f"### {regime}, {student} student", "",
-                    f"Teacher {main['teacher']['test_acc'] * 100:.2f} % test top-1; layers selected by Q: "
-                    f"{main['selection']['layers']}. Device: {devices}.", "",
+                    f"Teacher test top-1 {teachers} (one value per teacher trained for these runs); layers selected "
+                    f"by Q: {selected}. Device: {devices}.", "",
                     "| method | seeds | last-epoch top-1 (%) | best-epoch top-1 (%) | linear probe (%) | s/run |",
                     "|---|---|---|---|---|---|"]
             for method in grid["methods"]:
@@ -241,7 +244,8 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                 cell = cells.get(f"{regime}-{student}-{criterion}")
                 rows = _rows(cell, grid["ablation"]["method"]) if cell else []
                 if rows:
-                    out.append(f"| {criterion} | {cell['selection']['layers']} | "
+                    layers = " / ".join(sorted({str(r["teacher_layers"]) for r in rows}))
+                    out.append(f"| {criterion} | {layers} | "
                                f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} |")
             out += ["", _q_chart(main), ""]
     return "\n".join(out).rstrip() + "\n"

@@ -102,14 +102,15 @@ class Augment:
         p = self.padding
         if p > 0:
             padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device)
+            # drawn on the CPU for reproducibility; non_blocking: a blocking copy would wait for the GPU every step
+            dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device, non_blocking=True)
+            dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device, non_blocking=True)
             rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # b,1,h,1
             cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # b,1,1,w
             batch = torch.arange(b, device=x.device)[:, None, None, None]
             chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
             x = padded[batch, chans, rows, cols]
         if self.flip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device, non_blocking=True)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x

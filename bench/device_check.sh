@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One prepared call on a lent GPU machine (no dvc, no pydantic there): set-up, then one of
+#   bash bench/device_check.sh bench        # ~5 min: step ratios per compile mode, score/cache, digest
+#   bash bench/device_check.sh experiment   # ~9 min: the next chunk of experiments/paper.py, results to $OUT
+# Here first: pydantic's wheels in .whl/ (see docs/BENCHMARKS.md) and Fashion-MNIST's .gz files in .fmnist/,
+# both git-ignored and named in the call's carry.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case ${1:-bench} in
+  bench)
+    python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 --compile none
+    python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 --compile reduce-overhead \
+      --only student
+    python3 bench/score_cache.py --device cuda --images 50000 --width 1
+    python3 bench/digest.py --gb 4
+    ;;
+  experiment)
+    python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" --budget-s "${BUDGET_S:-420}" \
+      -S prepare.root="$PWD/.fmnist" 2>&1 | tee "$OUT/experiment.log"
+    cp experiments/results/*.json "$OUT"/ 2>/dev/null || true
+    python3 experiments/paper.py table
+    ;;
+esac
