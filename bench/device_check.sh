@@ -19,7 +19,7 @@ case ${1:-bench} in
     python3 bench/digest.py --gb 4
     ;;
   experiment)
-    python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" --budget-s "${BUDGET_S:-420}" \
+    python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" --budget-s "${BUDGET_S:-420}" --drop-caches \
       -S prepare.root="$PWD/.fmnist" 2>&1 | tee "$OUT/experiment.log"
     cp experiments/results/*.json "$OUT"/ 2>/dev/null || true
     python3 experiments/paper.py table

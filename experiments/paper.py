@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +93,9 @@ class Runner:
             raise StageFailed(f"{stage} -> {out} failed (exit {code}): {tail[0]} (log: {log})")
         return out
 
+    def cache_dir(self, cell: Cell) -> Path:
+        return self.root / cell.regime / cell.criterion / "cache"  # both students' cells share it
+
     def prepare_cell(self, cell: Cell) -> dict:
         """Data, teacher, scores and cache of `cell`; returns the folders and the cell's context for results."""
         regime = self.root / cell.regime
@@ -102,7 +106,7 @@ class Runner:
                           "--resume-dir", str(self.root / "resume"))
         scores = self.kd("score", sets, regime / cell.criterion / "scores", "--data", str(data),
                          "--teacher", str(teacher))
-        cache = self.kd("cache", sets, regime / cell.criterion / "cache", "--data", str(data), "--teacher",
+        cache = self.kd("cache", sets, self.cache_dir(cell), "--data", str(data), "--teacher",
                         str(teacher), "--scores", str(scores))
         with open(scores / "layers.csv") as f:
             layers = [{k: float(row[k]) for k in ("layer", "S", "I", "E", "Q", "sqrtIE")} for row in csv.DictReader(f)]
@@ -192,6 +196,9 @@ def run(args) -> int:
                 record(args.results, cell, prepared[cell.name]["context"], key, entry, info)
                 print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe "
                       f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s", flush=True)
+                later = [c for c, *_ in todo] + [c for c, _ in running.values()]
+                if args.drop_caches and all(runner.cache_dir(c) != runner.cache_dir(cell) for c in later):
+                    shutil.rmtree(runner.cache_dir(cell))  # the full regime's caches fill a 64 GB disk
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     run_ap.add_argument("--jobs", type=int, default=1, help="student runs at once on one device")
     run_ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no run that would end later")
     run_ap.add_argument("--cells", nargs="*", help="only these cells")
+    run_ap.add_argument("--drop-caches", action="store_true", help="delete a feature cache once no run needs it")
     run_ap.add_argument("-S", "--set", action="append", help="extra override for every stage")
     table_ap = sub.add_parser("table")
     table_ap.add_argument("--write", type=Path, help="replace the marked section of this Markdown file")

@@ -42,8 +42,11 @@ def grid(tmp_path_factory):
         "methods": ["ce", "ours"], "ablation": {"method": "ours", "criteria": ["S"]}}))
     first = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2", "--cells", "small-resnet9-Q")
     assert "4 runs to do" in first
-    second = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2")  # the next chunk: the rest only
+    second = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2", "--drop-caches")  # the rest only
     assert "2 runs to do" in second
+    work = next((tmp / "work").iterdir())
+    assert not (work / "small/S/cache").exists()  # its runs are done; Q's cache was not used by this chunk
+    assert (work / "small/Q/cache/manifest.json").is_file() and (work / "small/S/scores/manifest.json").is_file()
     return tmp
 
 
