@@ -44,7 +44,8 @@ class Cell:
     student: str
     criterion: str
     methods: tuple[str, ...]
-    regime_overrides: tuple[str, ...]
+    regime_overrides: tuple[str, ...]  # the grid's overrides, then the regime's
+    method_overrides: dict[str, list[str]]
 
     @property
     def name(self) -> str:
@@ -52,18 +53,33 @@ class Cell:
 
     @property
     def overrides(self) -> list[str]:
-        return [*self.regime_overrides, f"student.model.arch={self.student}", f"score.criterion={self.criterion}",
-                f"methods=[{','.join(self.methods)}]"]
+        return [*self.regime_overrides, f"student.model.arch={self.student}", f"score.criterion={self.criterion}"]
+
+    def run_overrides(self, method: str, seed: int) -> list[str]:
+        return merged(self.overrides, self.method_overrides.get(method, []), [f"seed={seed}", f"student.method={method}"])
 
 
 def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
     grid = yaml.safe_load(path.read_text())
     ablation = grid["ablation"]
-    cells = [Cell(regime, student, criterion, methods, tuple(overrides))
+    cells = [Cell(regime, student, criterion, methods, (*grid.get("overrides", []), *overrides),
+                  grid.get("method_overrides", {}))
              for regime, overrides in grid["regimes"].items() for student in grid["students"]
              for criterion, methods in [("Q", tuple(grid["methods"]))]
              + [(c, (ablation["method"],)) for c in ablation["criteria"]]]
     return grid, cells
+
+
+def merged(*lists: list[str]) -> list[str]:
+    """key=value overrides with each key once, the last value winning (dvc need not apply repeated -S in order)."""
+    out: dict[str, str] = {}
+    for item in (item for items in lists for item in items):
+        out[item.partition("=")[0]] = item
+    return list(out.values())
+
+
+def methods_override(methods) -> str:
+    return f"methods=[{','.join(methods)}]"
 
 
 class StageFailed(RuntimeError):
@@ -99,7 +115,7 @@ class Runner:
     def prepare_cell(self, cell: Cell) -> dict:
         """Data, teacher, scores and cache of `cell`; returns the folders and the cell's context for results."""
         regime = self.root / cell.regime
-        sets = cell.overrides
+        sets = [*cell.overrides, methods_override(cell.methods)]  # the cache holds the layers of all its methods
         data = self.kd("prepare", sets, regime / "data")
         teacher = self.kd("teacher", sets, regime / "teacher", "--data", str(data),
                           "--metrics", str(regime / "teacher.json"), "--live-dir", str(regime / "live-teacher"),
@@ -119,7 +135,7 @@ class Runner:
         run = self.root / cell.regime / cell.criterion / cell.student / f"{method}-s{seed}"
         if (run / "run.json").is_file():
             return _read(run / "run.json")
-        sets = [*cell.overrides, f"seed={seed}", f"student.method={method}"]
+        sets = cell.run_overrides(method, seed)
         start = time.perf_counter()
         student = self.kd("student", sets, run / "student", "--data", str(folders["data"]), "--teacher",
                           str(folders["teacher"]), "--scores", str(folders["scores"]), "--cache",
@@ -279,10 +295,19 @@ def write_table(doc: Path, text: str) -> None:
 
 
 def queue_commands(grid_path: Path = GRID, extra: list[str] = ()) -> list[str]:
+    """One queued experiment per cell, and one per method with overrides of its own (a matrix shares params)."""
     grid, cells = load_grid(grid_path)
     seeds = f"seeds=[{','.join(map(str, grid['seeds']))}]"
-    return [" ".join(["dvc exp run --queue -n", cell.name,
-                      *[f"-S '{o}'" for o in [*cell.overrides, seeds, *extra]]]) for cell in cells]
+    commands = []
+    for cell in cells:
+        own = [m for m in cell.methods if m in cell.method_overrides]
+        shared = [m for m in cell.methods if m not in own]
+        groups = ([(cell.name, shared, [])] if shared else []) + [
+            (f"{cell.name}-{m}", [m], cell.method_overrides[m]) for m in own]
+        for name, methods, sets in groups:
+            sets = merged(cell.overrides, [methods_override(methods)], sets, [seeds], extra)
+            commands.append(" ".join(["dvc exp run --queue -n", name, *[f"-S '{o}'" for o in sets]]))
+    return commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         grid, cells = load_grid(args.grid)
         for cell in cells:
             done = len(_read_runs(args.results / f"{cell.name}.json"))
-            print(f"{cell.name:28s} {done:3d}/{len(cell.methods) * len(grid['seeds'])} runs  {' '.join(cell.overrides)}")
+            print(f"{cell.name:28s} {done:3d}/{len(cell.methods) * len(grid['seeds'])} runs  {' '.join([*cell.overrides, methods_override(cell.methods)])}")
         return 0
     if args.command == "run":
         try:

@@ -98,9 +98,17 @@ def test_plan_and_queue_cover_the_whole_grid():
     assert len(cells) == len(grid["regimes"]) * len(grid["students"]) * (1 + len(grid["ablation"]["criteria"]))
     assert sum(len(c.methods) for c in cells if c.criterion == "Q") == 4 * len(grid["methods"])
     commands = paper.queue_commands()
-    assert len(commands) == len(cells)
+    assert len(commands) == len(cells) + 4  # ce has its own learning rate: its own experiment per main cell
+    assert commands[0].startswith("dvc exp run --queue -n labels10-resnet9-Q ")
     assert "-S 'prepare.train_subset=6000'" in commands[0] and "-S 'seeds=[0,1,2]'" in commands[0]
+    assert "-S 'student.train.lr=0.05'" in commands[0]
+    assert "-S 'methods=[vkd,vkd_std,base_fkd,stl_seplin,ours,ours_ce,ours_kl]'" in commands[0]
+    assert commands[1].startswith("dvc exp run --queue -n labels10-resnet9-Q-ce ")
+    assert "-S 'methods=[ce]'" in commands[1] and "lr=0.01" in commands[1] and "lr=0.05" not in commands[1]
     from pipeline.config import load_params
 
-    for cell in cells:  # every cell's overrides are valid params
-        load_params(ROOT / grid["params"], cell.overrides)
+    for cell in cells:  # every run's overrides are valid params, with the paper's learning rates
+        for method in cell.methods:
+            params = load_params(ROOT / grid["params"], cell.run_overrides(method, 0))
+            assert params.student.train.lr == (0.01 if method == "ce" else 0.05)
+            assert params.student.method == method and params.score.criterion == cell.criterion
