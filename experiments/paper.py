@@ -56,7 +56,8 @@ class Cell:
         return [*self.regime_overrides, f"student.model.arch={self.student}", f"score.criterion={self.criterion}"]
 
     def run_overrides(self, method: str, seed: int) -> list[str]:
-        return merged(self.overrides, self.method_overrides.get(method, []), [f"seed={seed}", f"student.method={method}"])
+        own = self.method_overrides.get(method, [])
+        return merged(self.overrides, own, [f"seed={seed}", f"student.method={method}"])
 
 
 def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
@@ -331,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         grid, cells = load_grid(args.grid)
         for cell in cells:
-            done = len(_read_runs(args.results / f"{cell.name}.json"))
-            print(f"{cell.name:28s} {done:3d}/{len(cell.methods) * len(grid['seeds'])} runs  {' '.join([*cell.overrides, methods_override(cell.methods)])}")
+            done, total = len(_read_runs(args.results / f"{cell.name}.json")), len(cell.methods) * len(grid["seeds"])
+            print(f"{cell.name:28s} {done:3d}/{total} runs  {' '.join(cell.overrides)} {methods_override(cell.methods)}")
         return 0
     if args.command == "run":
         try:

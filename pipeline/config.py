@@ -51,7 +51,7 @@ class RecipeParams(Section):
     backbone_lr_scale: float = Field(1.0, gt=0, le=1, description="lr factor for everything before the classifier")
     augment: bool = Field(False, description="per-image random crop (pad 4) and horizontal flip")
     eval_batch_size: PositiveInt = Field(1024, description="batch size for evaluation")
-    sync_batchnorm: bool = Field(False, description="under torchrun on GPUs: BatchNorm statistics over the global batch")
+    sync_batchnorm: bool = Field(False, description="torchrun on GPUs: BatchNorm statistics over the global batch")
     compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "none", description="torch.compile the training step; reduce-overhead adds CUDA graphs (GPU)")
 

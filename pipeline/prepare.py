@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io import save_npy, file_digest, write_json
+from pipeline.io import file_digest, save_npy, write_json
 from pipeline.sources import RawData
 
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")

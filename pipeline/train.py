@@ -178,7 +178,8 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
     world = distributed.rank_and_world()[1]
     if recipe.batch_size % world:
         raise InputError(f"batch_size {recipe.batch_size} (global) is not divisible by the {world} processes")
-    trained = compiled(distributed.wrap(model, recipe.sync_batchnorm), recipe.compile)  # evaluation and checkpoints use `model`
+    # evaluation and checkpoints use `model` itself
+    trained = compiled(distributed.wrap(model, recipe.sync_batchnorm), recipe.compile)
     scheduler = make_scheduler(optimizer, recipe, steps)
     state = FitState()
     if resume_path is not None and resume_path.is_file():

@@ -43,5 +43,6 @@ def test_sync_batchnorm_on_cpu_processes_is_refused(tmp_path):
                           "train": {**PARAMS["teacher"]["train"], "sync_batchnorm": True}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(AssertionError, match="sync_batchnorm needs CUDA devices"):
-        run(tmp_path, "double", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+        run(tmp_path, "double", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node", "2"])
     assert not (tmp_path / "double" / "model.pt").exists()
