@@ -1,8 +1,11 @@
-"""Benchmark: teacher-feature caching vs a bare bf16 teacher forward, and scoring every layer (one run, one card).
+"""Benchmark: teacher features (cached to disk, or kept on the device) vs a bare bf16 teacher forward, and scoring
+every layer (one run, one card).
 
     python bench/score_cache.py --device cuda --images 50000 --width 1
 
-Prints throughputs and their ratio, the scoring time for all generalized layers, and peak host memory.
+Prints throughputs and their ratio to the bare forward: `write_cache` (the cache stage: features gathered, then
+written and digested) and `gather_features` alone (what a student with `teacher_features: device` does at
+start); the scoring time for all generalized layers; peak host memory.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.cache import write_cache
+from pipeline.cache import gather_features, write_cache
 from pipeline.data import DeviceData, Prepared
 from pipeline.models import ModelSpec, build_model
 from pipeline.scoring import score_layers
@@ -70,6 +73,12 @@ def main() -> None:
         start = time.perf_counter()
         write_cache(model, data, layers, device, args.batch, tmp)
         cache = args.images / (time.perf_counter() - start)
+    start = time.perf_counter()
+    buffers = gather_features(model, data, layers, device, args.batch)[0]
+    synchronize(device)
+    on_device = args.images / (time.perf_counter() - start)
+    where = next(iter(buffers.values())).device
+    del buffers
     score_data = Prepared(images[:args.score_images], labels[:args.score_images], images[:10], labels[:10],
                           data.meta, "s")
     start = time.perf_counter()
@@ -81,6 +90,7 @@ def main() -> None:
     print(f"| device | {name} | torch {torch.__version__} |")
     print(f"| bare bf16 forward ({args.arch} x{args.width}, batch {args.batch}) | {bare:,.0f} img/s |")
     print(f"| cache layers {layers} ({args.images} images) | {cache:,.0f} img/s | ratio {cache / bare:.2f}x |")
+    print(f"| same features kept on {where} | {on_device:,.0f} img/s | ratio {on_device / bare:.2f}x |")
     print(f"| score {len(rows)} layers on {args.score_images} images | {score_s:.1f} s |")
     print(f"| peak host memory (RSS) | {peak_gb:.2f} GB |")
 

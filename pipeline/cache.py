@@ -46,14 +46,13 @@ class ChannelStats:
         return {"mean": mean.tolist(), "std": std.tolist()}
 
 
-def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,
-                out_dir: str | Path, on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict, dict]:
-    """Write features of `layers` and the logits; return (file checksums, layer shapes, per-channel stats).
+def gather_features(model: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict, dict]:
+    """Features of `layers` (float16) and logits of every training image; their shapes; per-channel statistics.
 
-    Batches are gathered in one float16 buffer per layer on the device (or on the host when the device is short
-    of memory) and each file is written in one sequential pass. Files appear only once complete.
+    Batches land in one buffer per layer (key: layer; logits: "logits") on the device, or on the host when the
+    device is short of memory.
     """
-    out_dir = Path(out_dir)
     layers = sorted(set(layers))
     train = DeviceData(data.train_images, data.train_labels, data.meta["mean"], data.meta["std"], device)
     n = len(train)
@@ -73,9 +72,19 @@ def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: tor
         buffers["logits"][start:stop] = logits
 
     extract(model, train, layers, batch_size, sink, on_batch)
-    names = {k: layer_file(k) for k in layers} | {"logits": LOGITS}
-    files = {name: save_npy(out_dir / name, buffers.pop(key).cpu().numpy()) for key, name in names.items()}
-    return files, {str(k): shapes[k] for k in layers}, {str(k): stats[k].result() for k in layers}
+    return buffers, {str(k): shapes[k] for k in layers}, {str(k): stats[k].result() for k in layers}
+
+
+def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,
+                out_dir: str | Path, on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict, dict]:
+    """Write features of `layers` and the logits; return (file digests, layer shapes, per-channel stats).
+
+    Each file is written in one sequential pass from its gathered buffer and appears only once complete.
+    """
+    buffers, shapes, stats = gather_features(model, data, layers, device, batch_size, on_batch)
+    names = {k: layer_file(k) for k in sorted(set(layers))} | {"logits": LOGITS}
+    files = {name: save_npy(Path(out_dir) / name, buffers.pop(key).cpu().numpy()) for key, name in names.items()}
+    return files, shapes, stats
 
 
 def _buffers(n: int, shapes: dict[int, list[int]], classes: int, device: torch.device) -> dict:

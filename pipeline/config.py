@@ -111,6 +111,9 @@ class StudentParams(Section):
     align: Literal["none", "standardize"] = Field(
         "none", description="beyond the paper: standardize teacher targets per channel with cached statistics")
     relation_weight: float = Field(0.0, ge=0, description="beyond the paper: batch-similarity matching term")
+    teacher_features: Literal["cache", "device"] = Field(
+        "cache", description="cache: the cache stage's files; device: the teacher runs over the training split once "
+                             "at start and its features stay on the device (no disk; with augment: every batch)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
 
 

@@ -44,7 +44,12 @@ def resolve_layers(params: StudentParams, student_arch: str, teacher_arch: str,
 
 def layers_to_cache(methods: list[str], params: StudentParams, student_arch: str, teacher_arch: str,
                     selected: list[int]) -> list[int]:
-    """Every teacher layer that one of `methods` distils from (the cache stage stores exactly these)."""
+    """Every teacher layer that one of `methods` distils from (the cache stage stores exactly these).
+
+    None when the student makes its teacher features on the device itself (`teacher_features: device`).
+    """
+    if params.teacher_features == "device":
+        return []
     layers = set()
     for method in methods:
         layers |= set(resolve_layers(params.model_copy(update={"method": method}), student_arch, teacher_arch,
@@ -91,7 +96,10 @@ class TeacherTargets:
         self.layers = layers
         self.teacher = teacher
         self.device = device
-        if teacher is None:
+        if teacher is None and all(isinstance(a, torch.Tensor) and a.device == device for a in [*cached, logits]):
+            self.resident, self.feats, self.logits = True, cached, logits  # gathered on the device already
+        elif teacher is None:
+            cached, logits = [_numpy(a) for a in cached], _numpy(logits)
             self.resident = _fits(cached + [logits], device, memory_share)
             if self.resident:  # the whole cache on the device: a batch is one gather there
                 self.feats = [torch.from_numpy(np.array(a)).to(device) for a in cached]
@@ -121,6 +129,10 @@ class TeacherTargets:
         if self.stats is not None:
             feats = [_standardize(f.float(), mean, std) for f, (mean, std) in zip(feats, self.stats)]
         return feats, logits.float()
+
+
+def _numpy(a) -> np.ndarray:
+    return a.numpy() if isinstance(a, torch.Tensor) else a
 
 
 def _fits(arrays: list[np.ndarray], device: torch.device, share: float) -> bool:
@@ -154,6 +166,8 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     distiller = build_distiller(spec, params.method, student_layers, teacher_layers, teacher_shapes,
                                 loss_weights(params), params.train.batch_size, teacher)
     distiller = prepare_model(distiller, device)
+    if needs_teacher(params.method) and not params.train.augment and params.teacher_features == "device":
+        cache = _device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size)
     stats = cache[2]["channel_stats"] if params.align == "standardize" and cache else None
     if params.align == "standardize" and cache is None:
         raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
@@ -175,6 +189,14 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     train, test = device_splits(data, device)
     state = fit(distiller, train, test, recipe, seed, resume_path, resume_key, step_loss=step_loss, **callbacks)
     return distiller, summarise(state.history), state.history
+
+
+def _device_cache(teacher: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int):
+    """What `load_cache` returns, made by one pass of the teacher over the training split, kept on `device`."""
+    from pipeline.cache import gather_features
+
+    buffers, _, stats = gather_features(prepare_model(teacher, device), data, layers, device, batch_size)
+    return [buffers[k] for k in sorted(layers)], buffers["logits"], {"channel_stats": stats}
 
 
 def save_student(path: str | Path, distiller: Distiller, teacher_spec: ModelSpec, **info) -> None:

@@ -42,7 +42,7 @@ def student(
     if METHODS[p.method].teacher_layers == "selected" and p.teacher_layers is None:
         selected = load_selection(scores, teacher_id)
     cache = None
-    if needs_teacher(p.method) and not p.train.augment:  # with augmentation the teacher runs online
+    if needs_teacher(p.method) and not p.train.augment and p.teacher_features == "cache":  # else: made here
         _, teacher_layers = resolve_layers(p, p.model.arch, teacher_spec.arch, selected)
         cache = load_cache(cache_dir, teacher_id, prepared.data_id, teacher_layers)
     section = {"seed": cfg.seed, **p.model_dump()}

@@ -211,6 +211,27 @@ def test_compiled_training_step_matches_eager(pipe):
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 48)
 
 
+def test_device_made_teacher_features_match_the_cache(pipe):
+    from pipeline.student import _device_cache, layers_to_cache
+
+    data = load_prepared(pipe / "data")
+    teacher, _, teacher_id = load_teacher(pipe / "teacher", data)
+    layers = json.loads((pipe / "scores/selection.json").read_text())["layers"]
+    cached, cached_logits, manifest = load_cache(pipe / "cache", teacher_id, data.data_id, layers)
+    feats, logits, extra = _device_cache(teacher, data, layers, torch.device("cpu"), 1024)
+    for a, b in zip(feats, cached):
+        assert a.dtype == torch.float16 and torch.allclose(a.float(), torch.from_numpy(np.array(b)).float(),
+                                                           rtol=2e-3, atol=1e-3)
+    assert torch.allclose(logits, torch.from_numpy(np.array(cached_logits)), atol=1e-4)
+    assert extra["channel_stats"].keys() == {str(k) for k in layers}
+    _, _, device_made = _train(pipe, "ours", epochs=2, teacher_features="device")
+    _, _, from_cache = _train(pipe, "ours", epochs=2)
+    for a, b in zip(device_made, from_cache):
+        assert a["loss_feature"] == pytest.approx(b["loss_feature"], rel=1e-3)
+    params = load_params(pipe / "params.yaml", ["student.teacher_features=device"])
+    assert layers_to_cache(["ours", "base_fkd"], params.student, "resnet9", "resnet34", layers) == []
+
+
 def test_distribution_aware_alignment_standardizes_targets(pipe):
     data = load_prepared(pipe / "data")
     _, _, teacher_id = load_teacher(pipe / "teacher", data)
