@@ -283,3 +283,9 @@ def test_params_command_lists_every_key_with_its_real_default():
     assert all(key.startswith("student.") for key in lines)
     bad = runner.invoke(app, ["params", "nope"])
     assert bad.exit_code == 2 and "no params section 'nope'" in bad.output
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml")))
+def test_every_params_profile_is_valid(path):
+    params = load_params(path)
+    assert params.student.train.epochs == 50 and params.teacher.model.width == 1.0  # the paper's recipe
