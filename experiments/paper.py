@@ -8,8 +8,9 @@
 `run` calls the stage commands directly (the GPU machines have no dvc), shares data, teacher, scores and cache
 between the cells that can share them, trains up to --jobs students at once on one device, and after each
 finished run rewrites experiments/results/<cell>.json: a chunk cut short keeps what it finished and the next
-chunk skips it. Extra -S overrides (e.g. fewer epochs for a smoke run) apply to every stage and key the work
-folder, so outputs made with other overrides are never reused.
+chunk skips it. The params file, the grid and extra -S overrides (e.g. fewer epochs for a smoke run) key the
+work folder, so outputs made otherwise are never reused; runs already in experiments/results are skipped, so
+delete those files when the grid changes.
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ class StageFailed(RuntimeError):
 class Runner:
     """Stage commands under one work folder, each output made once and reused while it exists."""
 
-    def __init__(self, params: Path, work: Path, extra: list[str], jobs: int):
+    def __init__(self, params: Path, grid: Path, work: Path, extra: list[str], jobs: int):
         self.params, self.jobs = params, jobs
-        digest = hashlib.sha256((params.read_text() + "\n".join(extra)).encode()).hexdigest()[:10]
+        digest = hashlib.sha256("\n".join([params.read_text(), grid.read_text(), *extra]).encode()).hexdigest()[:10]
         self.root = work / digest
         self.extra = extra
 
@@ -151,7 +152,7 @@ class Runner:
                  "teacher_layers": trained["teacher_layers"], "train_seconds": trained["train_seconds"],
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
-                 "device": device_name()}
+                 "device": device_name(), "overrides": merged(sets, self.extra)}
         _write_atomic(run / "run.json", json.dumps(entry))
         return entry
 
@@ -184,7 +185,7 @@ def record(results: Path, cell: Cell, context: dict, key: str, entry: dict, info
 
 def run(args) -> int:
     grid, cells = load_grid(args.grid)
-    runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs)
+    runner = Runner(ROOT / grid["params"], args.grid, args.work, args.set or [], args.jobs)
     info = {"params": grid["params"], "extra_overrides": args.set or []}
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
             for method in cell.methods for seed in grid["seeds"]

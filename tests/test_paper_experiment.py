@@ -59,6 +59,7 @@ def test_every_run_is_recorded_with_its_metrics(grid):
         assert entry["test_acc"] == student["test_acc"] and entry["epochs"] == 2
         assert 0 < entry["probe_test_acc"] <= 1 and entry["wall_seconds"] > 0
     assert main["runs"]["ours-s0"]["teacher_layers"] == main["selection"]["layers"]
+    assert {"seed=1", "student.method=ours", "score.criterion=Q"} <= set(main["runs"]["ours-s1"]["overrides"])
     assert main["runs"]["ours-s0"]["test_acc"] != main["runs"]["ours-s1"]["test_acc"]  # seeds really differ
     ablation = json.loads((grid / "results/small-resnet9-S.json").read_text())
     assert set(ablation["runs"]) == {"ours-s0", "ours-s1"} and ablation["selection"]["criterion"] == "S"
