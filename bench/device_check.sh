@@ -2,6 +2,7 @@
 # One prepared call on a lent GPU machine (no dvc, no pydantic there): set-up, then one of
 #   bash bench/device_check.sh bench        # ~5 min: step ratios per compile mode, score/cache, digest
 #   bash bench/device_check.sh experiment   # ~9 min: the next chunk of experiments/paper.py, results to $OUT
+#   bash bench/device_check.sh pipeline [-S ...]   # the GPU profile end to end, `ours` only, stage times
 # Here first: pydantic's wheels in .whl/ (see docs/BENCHMARKS.md) and Fashion-MNIST's .gz files in .fmnist/,
 # both git-ignored and named in the call's carry.
 set -euo pipefail
@@ -23,5 +24,10 @@ case ${1:-bench} in
       -S prepare.root="$PWD/.fmnist" 2>&1 | tee "$OUT/experiment.log"
     cp experiments/results/*.json "$OUT"/ 2>/dev/null || true
     python3 experiments/paper.py table
+    ;;
+  pipeline)
+    shift
+    METHODS=ours bash bench/gpu_pipeline.sh profiles/gpu.yaml "$PWD/.fmnist" "$@"
+    cp stage_times.txt metrics/*.json "$OUT"/
     ;;
 esac
