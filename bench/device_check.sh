@@ -12,22 +12,22 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case ${1:-bench} in
-  bench)
-    python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 --compile none
+  bench)  # each benchmark on its own: one failing does not hide the others
+    python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 --compile none || echo FAILED
     python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 --compile reduce-overhead \
-      --only student
-    python3 bench/score_cache.py --device cuda --images 50000 --width 1
-    python3 bench/digest.py --gb 4
+      --only student || echo FAILED
+    python3 bench/score_cache.py --device cuda --images 50000 --width 1 || echo FAILED
+    python3 bench/digest.py --gb 4 || echo FAILED
     ;;
   experiment)
     python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" --budget-s "${BUDGET_S:-420}" --drop-caches \
-      -S prepare.root="$PWD/.fmnist" 2>&1 | tee "$OUT/experiment.log"
-    cp experiments/results/*.json "$OUT"/ 2>/dev/null || true
+      -S prepare.root="$PWD/.fmnist" 2>&1 | tee "$OUT/experiment.log" || echo FAILED
+    cp experiments/results/*.json "$OUT"/ 2>/dev/null || true  # what finished comes back even after a failure
     python3 experiments/paper.py table
     ;;
   pipeline)
     shift
-    METHODS=ours bash bench/gpu_pipeline.sh profiles/gpu.yaml "$PWD/.fmnist" "$@"
-    cp stage_times.txt metrics/*.json "$OUT"/
+    METHODS=ours bash bench/gpu_pipeline.sh profiles/gpu.yaml "$PWD/.fmnist" "$@" || echo FAILED
+    cp stage_times.txt metrics/*.json "$OUT"/ 2>/dev/null || true
     ;;
 esac
