@@ -187,8 +187,10 @@ def run(args) -> int:
     grid, cells = load_grid(args.grid)
     runner = Runner(ROOT / grid["params"], args.grid, args.work, args.set or [], args.jobs)
     info = {"params": grid["params"], "extra_overrides": args.set or []}
+    # seed-major: a chunk cut short has compared all methods on the seeds it finished, with one teacher (a later
+    # chunk on a fresh machine trains its own)
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
-            for method in cell.methods for seed in grid["seeds"]
+            for seed in grid["seeds"] for method in cell.methods
             if f"{method}-s{seed}" not in _read_runs(args.results / f"{cell.name}.json")]
     print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
     start, longest, prepared, running = time.perf_counter(), 0.0, {}, {}
