@@ -275,7 +275,7 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                     out.append(f"| {criterion} | {layers} | "
                                f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} |")
             out += ["", _q_chart(main), ""]
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out).rstrip() + "\n" if out else "No runs yet.\n"
 
 
 def _q_chart(cell: dict) -> str:
