@@ -3,6 +3,7 @@
 #   bash bench/device_check.sh bench        # ~5 min: step ratios per compile mode, score/cache, digest
 #   bash bench/device_check.sh experiment   # ~9 min: the next chunk of experiments/paper.py, results to $OUT
 #   bash bench/device_check.sh pipeline [-S ...]   # the GPU profile end to end, `ours` only, stage times
+#   bash bench/device_check.sh concurrency         # ~5 min: 8 short student runs one at a time vs 4 at once
 # Here first: pydantic's wheels in .whl/ (see docs/BENCHMARKS.md) and Fashion-MNIST's .gz files in .fmnist/,
 # both git-ignored and named in the call's carry.
 set -euo pipefail
@@ -24,6 +25,10 @@ case ${1:-bench} in
       -S prepare.root="$PWD/.fmnist" 2>&1 | tee "$OUT/experiment.log" || echo FAILED
     cp experiments/results/*.json "$OUT"/ 2>/dev/null || true  # what finished comes back even after a failure
     python3 experiments/paper.py table
+    ;;
+  concurrency)
+    python3 bench/concurrent_runs.py --params profiles/gpu.yaml --jobs 1,4 --runs 8 -S prepare.root="$PWD/.fmnist" \
+      -S prepare.train_subset=6000 -S teacher.train.epochs=2 -S student.train.epochs=10 || echo FAILED
     ;;
   pipeline)
     shift

@@ -91,9 +91,10 @@ class StageFailed(RuntimeError):
 class Runner:
     """Stage commands under one work folder, each output made once and reused while it exists."""
 
-    def __init__(self, params: Path, grid: Path, work: Path, extra: list[str], jobs: int):
+    def __init__(self, params: Path, work: Path, extra: list[str], jobs: int, key: str = ""):
+        """`key` (e.g. the grid's text) joins the params file and `extra` in naming the work folder."""
         self.params, self.jobs = params, jobs
-        digest = hashlib.sha256("\n".join([params.read_text(), grid.read_text(), *extra]).encode()).hexdigest()[:10]
+        digest = hashlib.sha256("\n".join([params.read_text(), key, *extra]).encode()).hexdigest()[:10]
         self.root = work / digest
         self.extra = extra
 
@@ -132,9 +133,12 @@ class Runner:
                    "layers": layers}
         return {"data": data, "teacher": teacher, "scores": scores, "cache": cache, "context": context}
 
-    def student_run(self, cell: Cell, folders: dict, method: str, seed: int) -> dict:
+    def run_dir(self, cell: Cell, method: str, seed: int, tag: str = "") -> Path:
+        return self.root / cell.regime / cell.criterion / cell.student / f"{method}-s{seed}{tag}"
+
+    def student_run(self, cell: Cell, folders: dict, method: str, seed: int, tag: str = "") -> dict:
         """Train one student and fit its probe; the raw metrics of the run (kept in its folder once complete)."""
-        run = self.root / cell.regime / cell.criterion / cell.student / f"{method}-s{seed}"
+        run = self.run_dir(cell, method, seed, tag)
         if (run / "run.json").is_file():
             return _read(run / "run.json")
         sets = cell.run_overrides(method, seed)
@@ -150,6 +154,7 @@ class Runner:
                  "best_test_acc": trained["best_test_acc"], "best_epoch": trained["best_epoch"],
                  "epochs": trained["epochs"], "probe_test_acc": probe["probe_test_acc"],
                  "teacher_layers": trained["teacher_layers"], "train_seconds": trained["train_seconds"],
+                 "train_img_per_s": trained["train_img_per_s"],
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra)}
@@ -185,7 +190,7 @@ def record(results: Path, cell: Cell, context: dict, key: str, entry: dict, info
 
 def run(args) -> int:
     grid, cells = load_grid(args.grid)
-    runner = Runner(ROOT / grid["params"], args.grid, args.work, args.set or [], args.jobs)
+    runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs, args.grid.read_text())
     info = {"params": grid["params"], "extra_overrides": args.set or []}
     # seed-major: a chunk cut short has compared all methods on the seeds it finished, with one teacher (a later
     # chunk on a fresh machine trains its own)
