@@ -61,8 +61,17 @@ class Cell:
         return merged(self.overrides, own, [f"seed={seed}", f"student.method={method}"])
 
 
+GRID_KEYS = {"params", "seeds", "regimes", "students", "methods", "ablation"}
+
+
 def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
-    grid = yaml.safe_load(path.read_text())
+    """The grid file's cells; exit code 2 and one line when the file is missing or lacks a key."""
+    if not path.is_file():
+        sys.exit(_bad_input(f"grid file not found: {path}"))
+    grid = yaml.safe_load(path.read_text()) or {}
+    missing = GRID_KEYS - set(grid)
+    if missing or not {"method", "criteria"} <= set(grid["ablation"]):
+        sys.exit(_bad_input(f"grid {path}: missing {', '.join(sorted(missing)) or 'ablation.method/criteria'}"))
     ablation = grid["ablation"]
     cells = [Cell(regime, student, criterion, methods, (*grid.get("overrides", []), *overrides),
                   grid.get("method_overrides", {}))
@@ -70,6 +79,11 @@ def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
              for criterion, methods in [("Q", tuple(grid["methods"]))]
              + [(c, (ablation["method"],)) for c in ablation["criteria"]]]
     return grid, cells
+
+
+def _bad_input(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def merged(*lists: list[str]) -> list[str]:

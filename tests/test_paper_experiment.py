@@ -113,3 +113,12 @@ def test_plan_and_queue_cover_the_whole_grid():
             params = load_params(ROOT / grid["params"], cell.run_overrides(method, 0))
             assert params.student.train.lr == (0.01 if method == "ce" else 0.05)
             assert params.student.method == method and params.score.criterion == cell.criterion
+
+
+def test_a_bad_grid_file_is_one_line_and_exit_code_2(tmp_path):
+    (tmp_path / "grid.yaml").write_text("params: profiles/gpu.yaml\nseeds: [0]\n")
+    for grid, message in ((tmp_path / "grid.yaml", "missing ablation, methods, regimes, students"),
+                          (tmp_path / "absent.yaml", "grid file not found")):
+        result = subprocess.run([sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(grid), "plan"],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr
