@@ -99,9 +99,7 @@ def train_one_epoch(model, data: DeviceData, optimizer, scheduler, recipe: Recip
     """One pass over `data`; returns the mean of the loss and of each term, and accuracy (one host sync)."""
     model.train()
     device = data.device
-    sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    names, sums, correct, seen = [], None, None, 0  # sums: loss and terms times batch size, on the device
     augment = Augment() if recipe.augment else None
     graphs = recipe.compile == "reduce-overhead"
     for ids, x, y in data.batches(recipe.batch_size, shuffle=True, drop_last=True, generator=generator,
@@ -115,23 +113,25 @@ def train_one_epoch(model, data: DeviceData, optimizer, scheduler, recipe: Recip
         optimizer.step()
         if per_batch(scheduler):
             scheduler.step()
-        for name, value in {"loss": loss, **terms}.items():
-            sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
+        # few kernels per step for the bookkeeping: at small batches a step is bound by kernel launches
+        values = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())])
+        sums = values * len(y) if sums is None else sums.add_(values, alpha=len(y))
+        hits = (logits.argmax(1) == y).sum()
+        correct = hits if correct is None else correct.add_(hits)
+        names, seen = ["loss", *terms], seen + len(y)
         if on_step:
             on_step(len(y))
     if not per_batch(scheduler):
         scheduler.step()
-    names = list(sums)
-    totals = distributed.all_reduce_sum(torch.stack([sums[k] for k in names] + [correct.float(),
-                                                     torch.tensor(float(seen), device=device)]))
-    seen, correct = totals[-1].item(), totals[-2]
-    means = {name: value.item() / max(seen, 1) for name, value in zip(names, totals)}
+    if sums is None:
+        raise InputError(f"no full batch of {recipe.batch_size} in {len(data)} samples")
+    counts = torch.stack([correct.float(), torch.tensor(float(seen), device=device)])
+    *totals, correct, seen = distributed.all_reduce_sum(torch.cat([sums, counts])).tolist()
+    means = {name: value / max(seen, 1) for name, value in zip(names, totals)}
     bad = [name for name, value in means.items() if not math.isfinite(value)]
     if bad:
         raise TrainingError(f"non-finite training loss ({', '.join(bad)}); lower the learning rate")
-    return {"train_loss": means.pop("loss"), "train_acc": correct.item() / max(seen, 1),
+    return {"train_loss": means.pop("loss"), "train_acc": correct / max(seen, 1),
             **{f"loss_{name}": value for name, value in means.items()}}
 
 
