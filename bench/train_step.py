@@ -6,7 +6,10 @@ For each compile mode: a bare ResNet-9 (cross-entropy, fused AdamW) vs the `ours
 `pipeline.train.train_one_epoch` (cached float16 teacher features of ResNet-34 layers 12-15 gathered by sample
 id, four 1x1 projectors, feature MSE, detached head); and a bare ResNet-34 vs the teacher's epoch (the same
 `train_one_epoch` with cross-entropy). Both sides use the same device-resident data, bf16 autocast and
-channels_last on a GPU. Each side runs a warm-up epoch (compilation, graph capture) before the timed one.
+channels_last on a GPU. Each side runs a warm-up epoch (compilation, graph capture) before the timed one. In
+eager mode a third epoch counts the aten operations dispatched per step: about one kernel launch each, so their
+ratio predicts the speed ratio where a small-batch step is bound by launches, and it does not vary from run to
+run (on CPUs the optimizer is not fused, so the counts there are higher than on a GPU).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import RecipeParams
 from pipeline.data import DeviceData
@@ -58,8 +62,26 @@ def bare_trainer(model, data: DeviceData, batch: int, mode: str):
     return epoch
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched: in eager mode about one kernel launch each."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(epoch, steps: int) -> float:
+    with CountOps() as counter:
+        epoch()
+    return counter.count / steps
+
+
 def pipeline_trainer(model, data: DeviceData, batch: int, mode: str, step_loss):
-    recipe = RecipeParams(epochs=2, batch_size=batch, compile=mode)
+    recipe = RecipeParams(epochs=3, batch_size=batch, compile=mode)  # warm-up, timed, counted
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe, data.steps(batch, True))
     step = compiled(model, mode)
@@ -98,7 +120,8 @@ def main() -> None:
                                                                       cross_entropy_step)}
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{card}, torch {torch.__version__}, width x{args.width}, batch {args.batch}, {args.images} images")
-    print("| step | compile | bare img/s | pipeline img/s | ratio |\n|---|---|---|---|---|")
+    print("| step | compile | bare img/s | pipeline img/s | ratio | ops/step bare, pipeline |")
+    print("|---|---|---|---|---|---|")
     images_per_epoch = data.steps(args.batch, True) * args.batch
     for mode in args.compile.split(","):
         for name in args.only.split(","):
@@ -110,9 +133,13 @@ def main() -> None:
             for epoch in trainers.values():  # warm-up: compilation, CUDA graph capture, allocator
                 epoch()
             speed = {side: images_per_epoch / timed(device, epoch) for side, epoch in trainers.items()}
+            ops = "–"  # compiled steps are not dispatched op by op
+            if mode == "none":
+                steps = data.steps(args.batch, True)
+                ops = ", ".join(f"{ops_per_step(epoch, steps):.0f}" for epoch in trainers.values())
             label = "ours student" if name == "student" else "teacher"
             print(f"| {label} | {mode} | {speed['bare']:,.0f} | {speed['pipeline']:,.0f} | "
-                  f"{speed['pipeline'] / speed['bare']:.2f}x |", flush=True)
+                  f"{speed['pipeline'] / speed['bare']:.2f}x | {ops} |", flush=True)
 
 
 if __name__ == "__main__":
