@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from pipeline.io import atomic_path, read_json, write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -143,7 +143,7 @@ class Runner:
                         str(teacher), "--scores", str(scores))
         with open(scores / "layers.csv") as f:
             layers = [{k: float(row[k]) for k in ("layer", "S", "I", "E", "Q", "sqrtIE")} for row in csv.DictReader(f)]
-        context = {"teacher": _read(regime / "teacher.json"), "selection": _read(scores / "selection.json"),
+        context = {"teacher": read_json(regime / "teacher.json"), "selection": read_json(scores / "selection.json"),
                    "layers": layers}
         return {"data": data, "teacher": teacher, "scores": scores, "cache": cache, "context": context}
 
@@ -154,7 +154,7 @@ class Runner:
         """Train one student and fit its probe; the raw metrics of the run (kept in its folder once complete)."""
         run = self.run_dir(cell, method, seed, tag)
         if (run / "run.json").is_file():
-            return _read(run / "run.json")
+            return read_json(run / "run.json")
         sets = cell.run_overrides(method, seed)
         start = time.perf_counter()
         student = self.kd("student", sets, run / "student", "--data", str(folders["data"]), "--teacher",
@@ -163,7 +163,7 @@ class Runner:
                           str(run / "live"), "--resume-dir", str(self.root / "resume"))
         self.kd("probe", sets, run / "probe", "--data", str(folders["data"]), "--student", str(student),
                 "--metrics", str(run / "probe.json"))
-        trained, probe = _read(run / "student.json"), _read(run / "probe.json")
+        trained, probe = read_json(run / "student.json"), read_json(run / "probe.json")
         entry = {"method": method, "seed": seed, "test_acc": trained["test_acc"],
                  "best_test_acc": trained["best_test_acc"], "best_epoch": trained["best_epoch"],
                  "epochs": trained["epochs"], "probe_test_acc": probe["probe_test_acc"],
@@ -172,19 +172,8 @@ class Runner:
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra)}
-        _write_atomic(run / "run.json", json.dumps(entry))
+        write_json(run / "run.json", entry)
         return entry
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def device_name() -> str:
@@ -195,11 +184,11 @@ def device_name() -> str:
 
 def record(results: Path, cell: Cell, context: dict, key: str, entry: dict, info: dict) -> None:
     path = results / f"{cell.name}.json"
-    saved = _read(path) if path.is_file() else {"runs": {}}
+    saved = read_json(path) if path.is_file() else {"runs": {}}
     saved.update({"cell": cell.name, "regime": cell.regime, "student": cell.student, "criterion": cell.criterion,
                   "overrides": cell.overrides, **info, **context})
     saved["runs"][key] = entry
-    _write_atomic(path, json.dumps(saved, indent=1, sort_keys=True) + "\n")
+    write_json(path, saved)
 
 
 def run(args) -> int:
@@ -243,7 +232,7 @@ def run(args) -> int:
 
 
 def _read_runs(path: Path) -> dict:
-    return _read(path)["runs"] if path.is_file() else {}
+    return read_json(path)["runs"] if path.is_file() else {}
 
 
 def _pm(values: list[float]) -> str:
@@ -261,7 +250,7 @@ def _rows(cell: dict, method: str) -> list[dict]:
 def table(results: Path, grid_path: Path = GRID) -> str:
     """Markdown: per regime and student, the methods table and the layer-criterion ablation; mean ± std."""
     grid, _ = load_grid(grid_path)
-    cells = {c["cell"]: c for c in (_read(p) for p in sorted(results.glob("*.json")))}
+    cells = {c["cell"]: c for c in (read_json(p) for p in sorted(results.glob("*.json")))}
     out = []
     for regime in grid["regimes"]:
         for student in grid["students"]:
@@ -314,7 +303,8 @@ def write_table(doc: Path, text: str) -> None:
         current = head + block + rest.split(END, 1)[1]
     else:
         current = current.rstrip() + ("\n\n" if current else "") + block + "\n"
-    _write_atomic(doc, current)
+    with atomic_path(doc) as tmp:
+        tmp.write_text(current)
 
 
 def queue_commands(grid_path: Path = GRID, extra: list[str] = ()) -> list[str]:
