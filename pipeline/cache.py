@@ -82,7 +82,7 @@ def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: tor
     Each file is written in one sequential pass from its gathered buffer and appears only once complete.
     """
     buffers, shapes, stats = gather_features(model, data, layers, device, batch_size, on_batch)
-    names = {k: layer_file(k) for k in sorted(set(layers))} | {"logits": LOGITS}
+    names = {key: LOGITS if key == "logits" else layer_file(key) for key in buffers}
     files = {name: save_npy(Path(out_dir) / name, buffers.pop(key).cpu().numpy()) for key, name in names.items()}
     return files, shapes, stats
 

@@ -46,7 +46,7 @@ def layers_to_cache(methods: list[str], params: StudentParams, student_arch: str
                     selected: list[int]) -> list[int]:
     """Every teacher layer that one of `methods` distils from (the cache stage stores exactly these).
 
-    None when the student makes its teacher features on the device itself (`teacher_features: device`).
+    Empty when the student makes its teacher features on the device itself (`teacher_features: device`).
     """
     if params.teacher_features == "device":
         return []

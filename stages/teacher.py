@@ -26,7 +26,7 @@ def teacher(
     from pipeline import distributed
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
-    from pipeline.io import hash_obj, file_digest, write_json, write_manifest
+    from pipeline.io import file_digest, hash_obj, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher
 
     distributed.init_from_env()
