@@ -161,6 +161,7 @@ class Runner:
                           str(folders["teacher"]), "--scores", str(folders["scores"]), "--cache",
                           str(folders["cache"]), "--metrics", str(run / "student.json"), "--live-dir",
                           str(run / "live"), "--resume-dir", str(self.root / "resume"))
+        student_seconds = time.perf_counter() - start
         self.kd("probe", sets, run / "probe", "--data", str(folders["data"]), "--student", str(student),
                 "--metrics", str(run / "probe.json"))
         trained, probe = read_json(run / "student.json"), read_json(run / "probe.json")
@@ -168,7 +169,9 @@ class Runner:
                  "best_test_acc": trained["best_test_acc"], "best_epoch": trained["best_epoch"],
                  "epochs": trained["epochs"], "probe_test_acc": probe["probe_test_acc"],
                  "teacher_layers": trained["teacher_layers"], "train_seconds": trained["train_seconds"],
-                 "train_img_per_s": trained["train_img_per_s"],
+                 "train_img_per_s": trained["train_img_per_s"], "eval_seconds": trained["eval_seconds"],
+                 "checkpoint_seconds": trained["checkpoint_seconds"],
+                 "student_stage_seconds": round(student_seconds, 1),
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra)}

@@ -128,7 +128,9 @@ class TeacherTargets:
             logits = torch.from_numpy(self.logits[rows]).to(self.device)
         if self.stats is not None:
             feats = [_standardize(f.float(), mean, std) for f, (mean, std) in zip(feats, self.stats)]
-        return feats, logits.float()
+        # float32 before the (possibly compiled) student step: with the cache's float16 rows as graph inputs,
+        # inductor computed NaN for SemCKD's loss (CPU, torch 2.14), casting inside the graph or not
+        return [f.float() for f in feats], logits.float()
 
 
 def _numpy(a) -> np.ndarray:

@@ -199,12 +199,16 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
                **train_one_epoch(trained, train, optimizer, scheduler, recipe, generator, on_step, step_loss)}
         row["seconds"] = time.perf_counter() - start
         row["img_per_s"] = steps * recipe.batch_size / row["seconds"]
+        start = time.perf_counter()
         row.update(evaluate(model, test, recipe.eval_batch_size))
+        row["eval_seconds"] = time.perf_counter() - start
         state.epoch, state.history = epoch + 1, state.history + [row]
         if resume_path is not None and distributed.is_main():
+            start = time.perf_counter()
             save_torch(resume_path, {"resume_key": resume_key, "epoch": state.epoch, "history": state.history,
                                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})
+            row["checkpoint_seconds"] = time.perf_counter() - start
         if on_epoch:
             on_epoch(row)
     return state
@@ -217,4 +221,6 @@ def summarise(history: list[dict]) -> dict:
     return {"test_acc": last["test_acc"], "test_loss": last["test_loss"], "train_loss": last["train_loss"],
             "best_test_acc": best["test_acc"], "best_epoch": best["epoch"], "epochs": last["epoch"],
             "train_img_per_s": sum(r["img_per_s"] for r in history) / len(history),
-            "train_seconds": sum(r["seconds"] for r in history)}
+            "train_seconds": sum(r["seconds"] for r in history),
+            "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in history),  # absent in older resumed histories
+            "checkpoint_seconds": sum(r.get("checkpoint_seconds", 0.0) for r in history)}

@@ -156,7 +156,7 @@ class Live:
         if not self.live:
             return
         for key, value in row.items():
-            if key not in ("epoch", "seconds"):
+            if key != "epoch" and not key.endswith("seconds"):  # timings are not curves
                 self.live.log_metric(key, value)
         self.live.next_step()
 

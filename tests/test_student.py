@@ -211,6 +211,24 @@ def test_compiled_training_step_matches_eager(pipe):
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 48)
 
 
+def test_compiled_semckd_loss_matches_eager_on_a_float16_cache():
+    # inductor (CPU, torch 2.14) computed NaN for this loss when the cached float16 targets entered the graph
+    torch.manual_seed(0)
+    student, teacher = ModelSpec("resnet9", 10, 1, 32, 0.25), ModelSpec("resnet34", 10, 1, 32, 0.125)
+    layers = [3, 7, 13, 16]
+    shapes = [layer_shapes(build_model(teacher), (1, 32, 32))[k] for k in layers]
+    rng = np.random.default_rng(0)
+    cache = [np.abs(3 * rng.standard_normal((256, *s))).astype(np.float16) for s in shapes]
+    targets = TeacherTargets(layers, torch.device("cpu"), cache, rng.standard_normal((256, 10), np.float32))
+    distiller = build_distiller(student, "semckd", [1, 2, 3, 4], layers, shapes, LossWeights(), 128, None)
+    ids, x, y = torch.arange(128), torch.randn(128, 1, 32, 32), torch.randint(0, 10, (128,))
+    feats, logits = targets(ids, x)
+    eager = distiller.losses(x, y, feats, logits)[2]
+    compiled = torch.compile(distiller.losses)(x, y, feats, logits)[2]
+    for name, value in eager.items():
+        assert compiled[name].item() == pytest.approx(value.item(), rel=1e-4), name
+
+
 def test_device_made_teacher_features_match_the_cache(pipe):
     from pipeline.student import _device_cache, layers_to_cache
 

@@ -8,7 +8,7 @@ from pipeline.config import RecipeParams
 from pipeline.data import Augment, DeviceData
 from pipeline.errors import TrainingError
 from pipeline.models import ModelSpec, build_model
-from pipeline.train import fit, make_optimizer, make_scheduler
+from pipeline.train import fit, make_optimizer, make_scheduler, summarise
 
 CPU = torch.device("cpu")
 
@@ -62,6 +62,17 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert [r["test_acc"] for r in state.history] == [r["test_acc"] for r in ref_state.history]
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_summary_times_evaluation_and_checkpoints_apart_from_training(tmp_path):
+    train, test = tiny_split(), tiny_split(seed=1)
+    plain = summarise(fit(tiny_model(), train, test, RECIPE, seed=0).history)
+    resumable = summarise(fit(tiny_model(), train, test, RECIPE, seed=0, resume_path=tmp_path / "r.pt",
+                              resume_key="k").history)
+    assert plain["checkpoint_seconds"] == 0.0 < resumable["checkpoint_seconds"]
+    for summary in (plain, resumable):
+        assert 0 < summary["eval_seconds"] and 0 < summary["train_seconds"]
+        assert summary["epochs"] == 3
 
 
 def test_resume_ignores_checkpoint_of_other_run(tmp_path):
