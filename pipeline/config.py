@@ -54,6 +54,8 @@ class RecipeParams(Section):
     sync_batchnorm: bool = Field(False, description="torchrun on GPUs: BatchNorm statistics over the global batch")
     compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "none", description="torch.compile the training step; reduce-overhead adds CUDA graphs (GPU)")
+    resume_every_s: float = Field(60.0, ge=0, description="with --resume-dir: seconds of training between resume "
+                                  "checkpoints (0: after every epoch)")
 
 
 class TeacherModelParams(ModelParams):

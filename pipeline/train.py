@@ -167,8 +167,9 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
         step_loss: StepLoss = cross_entropy_step) -> FitState:
     """Train for `recipe.epochs`, evaluating after each epoch.
 
-    With `resume_path`, a checkpoint is written atomically after every epoch and a run started again with the
-    same `resume_key` continues from it; each epoch draws its randomness from (seed, epoch), so a resumed run
+    With `resume_path`, a checkpoint is written atomically after the first epoch that ends `resume_every_s`
+    seconds after the last one (0: every epoch), and a run started again with the same `resume_key` continues
+    from it; each epoch draws its randomness from (seed, epoch), so a resumed run
     ends exactly where an uninterrupted one does (on the CPU).
     """
     optimizer = make_optimizer(model, recipe)
@@ -189,6 +190,7 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = FitState(saved["epoch"], saved["history"])
+    last_save = time.perf_counter()
     for epoch in range(state.epoch, recipe.epochs):
         if on_epoch_start:
             on_epoch_start(epoch, steps)
@@ -203,12 +205,14 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
         row.update(evaluate(model, test, recipe.eval_batch_size))
         row["eval_seconds"] = time.perf_counter() - start
         state.epoch, state.history = epoch + 1, state.history + [row]
-        if resume_path is not None and distributed.is_main():
+        due = time.perf_counter() - last_save >= recipe.resume_every_s
+        if resume_path is not None and distributed.is_main() and due:
             start = time.perf_counter()
             save_torch(resume_path, {"resume_key": resume_key, "epoch": state.epoch, "history": state.history,
                                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict()})
-            row["checkpoint_seconds"] = time.perf_counter() - start
+            last_save = time.perf_counter()
+            row["checkpoint_seconds"] = last_save - start
         if on_epoch:
             on_epoch(row)
     return state

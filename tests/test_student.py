@@ -291,7 +291,7 @@ def test_student_resume_after_kill_equals_uninterrupted(pipe):
         if row["epoch"] == 2:
             raise Killed
 
-    params = load_params(pipe / "params.yaml", ["student.train.epochs=3"]).student
+    params = load_params(pipe / "params.yaml", ["student.train.epochs=3", "student.train.resume_every_s=0"]).student
     data = load_prepared(pipe / "data")
     teacher, teacher_spec, teacher_id = load_teacher(pipe / "teacher", data)
     selected = json.loads((pipe / "scores/selection.json").read_text())["layers"]

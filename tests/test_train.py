@@ -29,7 +29,7 @@ def tiny_model(seed=0):
     return build_model(ModelSpec("resnet9", num_classes=2, in_chans=1, image_size=8, width=0.0625))
 
 
-RECIPE = RecipeParams(epochs=3, batch_size=16, lr=0.01, eval_batch_size=32)
+RECIPE = RecipeParams(epochs=3, batch_size=16, lr=0.01, eval_batch_size=32, resume_every_s=0)
 
 
 def test_fit_learns_separable_data():
@@ -73,6 +73,21 @@ def test_summary_times_evaluation_and_checkpoints_apart_from_training(tmp_path):
     for summary in (plain, resumable):
         assert 0 < summary["eval_seconds"] and 0 < summary["train_seconds"]
         assert summary["epochs"] == 3
+
+
+def test_resume_points_are_spaced_in_time(tmp_path):
+    train, test = tiny_split(), tiny_split(seed=1)
+    saved_at = []
+
+    def note_saves(row):
+        if "checkpoint_seconds" in row:
+            saved_at.append(row["epoch"])
+
+    slow = RECIPE.model_copy(update={"resume_every_s": 3600.0})
+    fit(tiny_model(), train, test, slow, seed=0, resume_path=tmp_path / "r.pt", resume_key="k", on_epoch=note_saves)
+    assert saved_at == [] and not (tmp_path / "r.pt").exists()  # a crash would lose under an hour
+    fit(tiny_model(), train, test, RECIPE, seed=0, resume_path=tmp_path / "r.pt", resume_key="k", on_epoch=note_saves)
+    assert saved_at == [1, 2, 3]
 
 
 def test_resume_ignores_checkpoint_of_other_run(tmp_path):
