@@ -169,8 +169,8 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
 
     With `resume_path`, a checkpoint is written atomically after the first epoch that ends `resume_every_s`
     seconds after the last one (0: every epoch), and a run started again with the same `resume_key` continues
-    from it; each epoch draws its randomness from (seed, epoch), so a resumed run
-    ends exactly where an uninterrupted one does (on the CPU).
+    from it; each epoch draws its randomness from (seed, epoch), so a resumed run ends exactly where an
+    uninterrupted one does (on the CPU).
     """
     optimizer = make_optimizer(model, recipe)
     steps = train.steps(recipe.batch_size, drop_last=True)
@@ -226,5 +226,6 @@ def summarise(history: list[dict]) -> dict:
             "best_test_acc": best["test_acc"], "best_epoch": best["epoch"], "epochs": last["epoch"],
             "train_img_per_s": sum(r["img_per_s"] for r in history) / len(history),
             "train_seconds": sum(r["seconds"] for r in history),
-            "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in history),  # absent in older resumed histories
+            # rows resumed from older checkpoints have no eval_seconds; epochs without a save no checkpoint_seconds
+            "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in history),
             "checkpoint_seconds": sum(r.get("checkpoint_seconds", 0.0) for r in history)}
