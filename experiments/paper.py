@@ -174,7 +174,8 @@ class Runner:
                  "student_stage_seconds": round(student_seconds, 1),
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
-                 "device": device_name(), "overrides": merged(sets, self.extra)}
+                 "device": device_name(), "overrides": merged(sets, self.extra),
+                 "code_version": read_json(student / "manifest.json")["code_version"]}
         write_json(run / "run.json", entry)
         return entry
 

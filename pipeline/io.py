@@ -115,15 +115,19 @@ def hash_obj(obj: Any) -> str:
 
 
 def code_version() -> str:
-    """Package version plus the git commit of the working tree when there is one."""
+    """Package version plus the git commit of the working tree, or without git (a copied tree, a GPU machine) a
+    digest of the library's and the stages' sources."""
+    package = Path(__file__).parent
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent,
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=package).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{__version__}+{commit}" if commit else __version__
+    if not commit:
+        sources = sorted([*package.rglob("*.py"), *(package.parent / "stages").glob("*.py")])
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]
+        commit = f"src.{digest}"
+    return f"{__version__}+{commit}"
 
 
 def environment() -> dict[str, str]:

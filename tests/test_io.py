@@ -34,3 +34,17 @@ def test_a_flipped_byte_in_a_middle_block_is_refused(tmp_path):
         f.write(b"\x01")
     with pytest.raises(InputError, match="does not match its manifest checksum"):
         read_verified(tmp_path, "cache", {})
+
+
+def test_code_version_without_git_digests_the_sources(monkeypatch):
+    import subprocess
+
+    from pipeline import io
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    version = io.code_version()
+    assert version.startswith(f"{io.__version__}+src.") and len(version.split(".")[-1]) == 10
+    assert io.code_version() == version  # stable for the same sources

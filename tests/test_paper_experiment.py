@@ -60,6 +60,8 @@ def test_every_run_is_recorded_with_its_metrics(grid):
         assert 0 < entry["probe_test_acc"] <= 1
         assert 0 < entry["train_seconds"] < entry["student_stage_seconds"] < entry["wall_seconds"]  # probe after
         assert entry["eval_seconds"] > 0 and entry["checkpoint_seconds"] == 0  # runs shorter than resume_every_s
+        assert entry["code_version"] == json.loads((work / f"small/Q/resnet9/{key}/student/manifest.json")
+                                                   .read_text())["code_version"]
     assert main["runs"]["ours-s0"]["teacher_layers"] == main["selection"]["layers"]
     assert {"seed=1", "student.method=ours", "score.criterion=Q"} <= set(main["runs"]["ours-s1"]["overrides"])
     assert main["runs"]["ours-s0"]["test_acc"] != main["runs"]["ours-s1"]["test_acc"]  # seeds really differ
