@@ -114,6 +114,7 @@ def hash_obj(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@functools.cache  # once per process: every manifest asks
 def code_version() -> str:
     """Package version plus the git commit of the working tree, or without git (a copied tree, a GPU machine) a
     digest of the library's and the stages' sources."""

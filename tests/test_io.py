@@ -45,6 +45,11 @@ def test_code_version_without_git_digests_the_sources(monkeypatch):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    version = io.code_version()
-    assert version.startswith(f"{io.__version__}+src.") and len(version.split(".")[-1]) == 10
-    assert io.code_version() == version  # stable for the same sources
+    io.code_version.cache_clear()
+    try:
+        version = io.code_version()
+        io.code_version.cache_clear()
+        assert version.startswith(f"{io.__version__}+src.") and len(version.split(".")[-1]) == 10
+        assert io.code_version() == version  # stable for the same sources
+    finally:
+        io.code_version.cache_clear()
