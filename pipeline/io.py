@@ -185,6 +185,9 @@ def manifest_id(manifest: dict) -> str:
 
 def verify_files(out_dir: str | Path, manifest: dict) -> None:
     """Refuse outputs whose files are missing, truncated or changed since the manifest was written."""
+    if manifest.get("digest") != DIGEST:  # not corruption: checksums of another kind cannot be compared
+        raise InputError(f"{out_dir} was written by an older version of the pipeline (other checksums): rerun "
+                         f"the `{manifest.get('stage')}` stage")
     for name, digest in manifest["files"].items():
         path = Path(out_dir) / name
         if not path.is_file():

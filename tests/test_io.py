@@ -36,6 +36,18 @@ def test_a_flipped_byte_in_a_middle_block_is_refused(tmp_path):
         read_verified(tmp_path, "cache", {})
 
 
+def test_outputs_checksummed_by_an_older_version_are_refused_as_such_not_as_corrupt(tmp_path):
+    import json
+
+    files = {"a.npy": hashlib.sha256(b"whole file").hexdigest()}  # what a plain-sha256 manifest held
+    write_manifest(tmp_path, "prepare", {}, inputs={}, files=files)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["digest"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"older version of the pipeline .*: rerun the `prepare` stage"):
+        read_verified(tmp_path, "prepare", {})
+
+
 def test_code_version_without_git_digests_the_sources(monkeypatch):
     import subprocess
 
