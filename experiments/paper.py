@@ -164,6 +164,7 @@ class Runner:
         student_seconds = time.perf_counter() - start
         self.kd("probe", sets, run / "probe", "--data", str(folders["data"]), "--student", str(student),
                 "--metrics", str(run / "probe.json"))
+        probe_seconds = time.perf_counter() - start - student_seconds
         trained, probe = read_json(run / "student.json"), read_json(run / "probe.json")
         entry = {"method": method, "seed": seed, "test_acc": trained["test_acc"],
                  "best_test_acc": trained["best_test_acc"], "best_epoch": trained["best_epoch"],
@@ -171,7 +172,7 @@ class Runner:
                  "teacher_layers": trained["teacher_layers"], "train_seconds": trained["train_seconds"],
                  "train_img_per_s": trained["train_img_per_s"], "eval_seconds": trained["eval_seconds"],
                  "checkpoint_seconds": trained["checkpoint_seconds"],
-                 "student_stage_seconds": round(student_seconds, 1),
+                 "student_stage_seconds": round(student_seconds, 1), "probe_stage_seconds": round(probe_seconds, 1),
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
@@ -227,12 +228,22 @@ def run(args) -> int:
                 longest = max(longest, entry["wall_seconds"])
                 record(args.results, cell, prepared[cell.name]["context"], key, entry, info)
                 print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe "
-                      f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s", flush=True)
+                      f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s ({_where(entry)})",
+                      flush=True)
                 later = [c for c, *_ in todo] + [c for c, _ in running.values()]
                 if args.drop_caches and all(runner.cache_dir(c) != runner.cache_dir(cell) for c in later):
                     shutil.rmtree(runner.cache_dir(cell))  # the full regime's caches fill a 64 GB disk
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
+
+
+def _where(entry: dict) -> str:
+    """Where a run's wall time went: training epochs, evaluations, resume checkpoints, the rest of the student
+    stage (start-up, loading, teacher features, saving) and the probe stage."""
+    parts = {"train": entry["train_seconds"], "eval": entry["eval_seconds"], "checkpoints": entry["checkpoint_seconds"]}
+    parts["student start-up/saving"] = entry["student_stage_seconds"] - sum(parts.values())
+    parts["probe"] = entry["probe_stage_seconds"]
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
 
 
 def _read_runs(path: Path) -> dict:

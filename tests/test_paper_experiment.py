@@ -1,6 +1,7 @@
 """experiments/paper.py: a small grid run in two chunks on real Fashion-MNIST, then the results table."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ def grid(tmp_path_factory):
         "methods": ["ce", "ours"], "ablation": {"method": "ours", "criteria": ["S"]}}))
     first = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2", "--cells", "small-resnet9-Q")
     assert "4 runs to do" in first
+    assert re.search(r"ours-s1: .* s \(train [\d.]+ s, eval [\d.]+ s, checkpoints 0\.0 s, "
+                     r"student start-up/saving [\d.]+ s, probe [\d.]+ s\)", first)  # where each run's time went
     second = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2", "--drop-caches")  # the rest only
     assert "2 runs to do" in second
     work = next((tmp / "work").iterdir())
@@ -59,6 +62,8 @@ def test_every_run_is_recorded_with_its_metrics(grid):
         assert entry["test_acc"] == student["test_acc"] and entry["epochs"] == 2
         assert 0 < entry["probe_test_acc"] <= 1
         assert 0 < entry["train_seconds"] < entry["student_stage_seconds"] < entry["wall_seconds"]  # probe after
+        assert entry["student_stage_seconds"] + entry["probe_stage_seconds"] == pytest.approx(entry["wall_seconds"],
+                                                                                               abs=0.5)
         assert entry["eval_seconds"] > 0 and entry["checkpoint_seconds"] == 0  # runs shorter than resume_every_s
         assert entry["code_version"] == json.loads((work / f"small/Q/resnet9/{key}/student/manifest.json")
                                                    .read_text())["code_version"]
