@@ -6,10 +6,11 @@ For each compile mode: a bare ResNet-9 (cross-entropy, fused AdamW) vs the `ours
 `pipeline.train.train_one_epoch` (cached float16 teacher features of ResNet-34 layers 12-15 gathered by sample
 id, four 1x1 projectors, feature MSE, detached head); and a bare ResNet-34 vs the teacher's epoch (the same
 `train_one_epoch` with cross-entropy). Both sides use the same device-resident data, bf16 autocast and
-channels_last on a GPU. Each side runs a warm-up epoch (compilation, graph capture) before the timed one. In
-eager mode a third epoch counts the aten operations dispatched per step: about one kernel launch each, so their
-ratio predicts the speed ratio where a small-batch step is bound by launches, and it does not vary from run to
-run (on CPUs the optimizer is not fused, so the counts there are higher than on a GPU).
+channels_last on a GPU. Each side runs a warm-up epoch (compilation, graph capture), then --repeats timed epochs
+alternating with the other side's (the best of each counts). In eager mode one more epoch counts the aten
+operations dispatched per step: about one kernel launch each, so their ratio predicts the speed ratio where a
+small-batch step is bound by launches, and it does not vary from run to run (on CPUs the optimizer is not fused,
+so the counts there are higher than on a GPU).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def ops_per_step(epoch, steps: int) -> float:
     return counter.count / steps
 
 
-def pipeline_trainer(model, data: DeviceData, batch: int, mode: str, step_loss):
-    recipe = RecipeParams(epochs=3, batch_size=batch, compile=mode)  # warm-up, timed, counted
+def pipeline_trainer(model, data: DeviceData, batch: int, mode: str, step_loss, epochs: int):
+    recipe = RecipeParams(epochs=epochs, batch_size=batch, compile=mode)  # OneCycle refuses steps beyond its length
     opt = make_optimizer(model, recipe)
     sched = make_scheduler(opt, recipe, data.steps(batch, True))
     step = compiled(model, mode)
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--compile", default="none", help="comma-separated train.compile modes")
     ap.add_argument("--only", default="student,teacher")
+    ap.add_argument("--repeats", type=int, default=2, help="timed epochs per side, alternating; the best counts")
     args = ap.parse_args()
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
@@ -129,10 +131,14 @@ def main() -> None:
             torch.manual_seed(0)
             trainers = {"bare": bare_trainer(prepare_model(build_model(spec), device), data, args.batch, mode),
                         "pipeline": pipeline_trainer(prepare_model(build(), device), data, args.batch, mode,
-                                                     step_loss)}
+                                                     step_loss, epochs=args.repeats + 2)}  # + warm-up, count
             for epoch in trainers.values():  # warm-up: compilation, CUDA graph capture, allocator
                 epoch()
-            speed = {side: images_per_epoch / timed(device, epoch) for side, epoch in trainers.items()}
+            seconds = {side: float("inf") for side in trainers}
+            for _ in range(args.repeats):  # alternating, best of each: neither side gets the warmer card
+                for side, epoch in trainers.items():
+                    seconds[side] = min(seconds[side], timed(device, epoch))
+            speed = {side: images_per_epoch / s for side, s in seconds.items()}
             ops = "–"  # compiled steps are not dispatched op by op
             if mode == "none":
                 steps = data.steps(args.batch, True)
