@@ -37,8 +37,9 @@ def main() -> None:
     cell = Cell("bench", "resnet9", "Q", (args.method,), (), {})
     prepared = Runner(args.params.resolve(), args.work, args.set, 1).prepare_cell(cell)
     print(f"{device_name()}, {args.runs} `{args.method}` runs per row, overrides {' '.join(args.set) or 'none'}")
-    print("| runs at once | wall | runs/hour | student img/s | vs one at a time | vs reference |")
-    print("|---|---|---|---|---|---|")
+    print("| runs at once | wall | runs/hour | student img/s | vs one at a time | vs reference | mean s per run: "
+          "training, rest of student stage, probe stage |")
+    print("|---|---|---|---|---|---|---|")
     base = None
     for jobs in (int(j) for j in args.jobs.split(",")):
         runner = Runner(args.params.resolve(), args.work, args.set, jobs)
@@ -52,8 +53,10 @@ def main() -> None:
         images = sum(e["train_seconds"] * e["train_img_per_s"] for e in entries)
         per_hour = args.runs * 3600 / wall
         base = base or per_hour
+        train, stage, probe = (sum(e[k] for e in entries) / len(entries)
+                               for k in ("train_seconds", "student_stage_seconds", "probe_stage_seconds"))
         print(f"| {jobs} | {wall:.0f} s | {per_hour:.0f} | {images / wall:,.0f} | {per_hour / base:.2f}x | "
-              f"{images / wall / REFERENCE_IMG_S:.2f}x |", flush=True)
+              f"{images / wall / REFERENCE_IMG_S:.2f}x | {train:.1f}, {stage - train:.1f}, {probe:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

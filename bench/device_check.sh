@@ -4,7 +4,7 @@
 #   bench        ~4 min: step ratios per compile mode, score/cache, digest
 #   pipeline     ~5 min: the GPU profile end to end, `ours` only, teacher under TEACHER_COMPILE (reduce-overhead)
 #   experiment   the next chunk of experiments/paper.py in what is left (or BUDGET_S), results to $OUT
-#   concurrency  ~5 min: 8 short student runs one at a time vs 4 at once
+#   concurrency  ~5 min: 8 short student runs one at a time vs 4 and 8 at once
 # e.g. SESSION_S=560 bash bench/device_check.sh pipeline experiment
 # Here first: pydantic's wheels in .whl/ (see docs/BENCHMARKS.md) and Fashion-MNIST's .gz files in .fmnist/,
 # both git-ignored and named in the call's carry.
@@ -51,7 +51,7 @@ experiment() {
 }
 
 concurrency() {
-  bounded python3 bench/concurrent_runs.py --params profiles/gpu.yaml --jobs 1,4 --runs 8 \
+  bounded python3 bench/concurrent_runs.py --params profiles/gpu.yaml --jobs 1,4,8 --runs 8 \
     -S prepare.root="$fmnist" -S prepare.train_subset=6000 -S teacher.train.epochs=2 -S student.train.epochs=10
 }
 

@@ -136,7 +136,7 @@ def environment() -> dict[str, str]:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "device": device}
+            "device": device, "cpu_threads": torch.get_num_threads()}
 
 
 def write_manifest(out_dir: str | Path, stage: str, params: dict, inputs: dict[str, str],
