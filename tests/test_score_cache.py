@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cache import load_cache, write_cache
+from pipeline.cache import ChannelStats, load_cache, write_cache
 from pipeline.data import DeviceData, load_prepared
 from pipeline.errors import InputError
 from pipeline.features import stream_layers
@@ -23,6 +23,20 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize("shape, channel_dims", [((6, 5, 4, 4), (0, 2, 3)), ((6, 9, 5), (0, 1))])
+def test_channel_stats_over_batches_equal_float64_over_the_whole(shape, channel_dims):
+    """Maps: channels are dim 1; tokens (B, L, D): the last dim. Far-from-zero means test the cancellation in
+    E[x^2] - E[x]^2 with float32 sums per batch."""
+    gen = torch.Generator().manual_seed(0)
+    whole = torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 50
+    stats = ChannelStats()
+    for batch in whole.split(4):
+        stats.update(batch.float())
+    got = stats.result()
+    np.testing.assert_allclose(got["mean"], whole.mean(channel_dims).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got["std"], whole.std(channel_dims, unbiased=False).numpy(), rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
