@@ -114,7 +114,7 @@ class Runner:
         self.extra = extra
         # each stage process its share of the cores: torch's CPU threads of concurrent runs, all spinning on
         # every core, made 2 tiny runs at once on 2 cores train 17x slower than one alone
-        self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cores() // jobs))}
 
     def kd(self, stage: str, overrides: list[str], out: Path, *args: str) -> Path:
         if (out / "manifest.json").is_file():
@@ -183,6 +183,11 @@ class Runner:
                  "code_version": read_json(student / "manifest.json")["code_version"]}
         write_json(run / "run.json", entry)
         return entry
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def device_name() -> str:

@@ -1,7 +1,6 @@
 """experiments/paper.py: a small grid run in two chunks on real Fashion-MNIST, then the results table."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -68,7 +67,7 @@ def test_every_run_is_recorded_with_its_metrics(grid):
         assert entry["eval_seconds"] > 0 and entry["checkpoint_seconds"] == 0  # runs shorter than resume_every_s
         manifest = json.loads((work / f"small/Q/resnet9/{key}/student/manifest.json").read_text())
         assert entry["code_version"] == manifest["code_version"]
-        assert manifest["environment"]["cpu_threads"] == max(1, os.cpu_count() // 2)  # 2 runs at once share cores
+        assert manifest["environment"]["cpu_threads"] == max(1, paper.usable_cores() // 2)  # 2 at once share cores
     assert main["runs"]["ours-s0"]["teacher_layers"] == main["selection"]["layers"]
     assert {"seed=1", "student.method=ours", "score.criterion=Q"} <= set(main["runs"]["ours-s1"]["overrides"])
     assert main["runs"]["ours-s0"]["test_acc"] != main["runs"]["ours-s1"]["test_acc"]  # seeds really differ
