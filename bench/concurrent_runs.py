@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from paper import Cell, Runner, device_name  # noqa: E402
+from paper import Cell, Runner, describe, device_name, time_split  # noqa: E402
 
 REFERENCE_IMG_S = 12_300
 
@@ -37,8 +37,7 @@ def main() -> None:
     cell = Cell("bench", "resnet9", "Q", (args.method,), (), {})
     prepared = Runner(args.params.resolve(), args.work, args.set, 1).prepare_cell(cell)
     print(f"{device_name()}, {args.runs} `{args.method}` runs per row, overrides {' '.join(args.set) or 'none'}")
-    print("| runs at once | wall | runs/hour | student img/s | vs one at a time | vs reference | mean s per run: "
-          "training, rest of student stage, probe stage |")
+    print("| runs at once | wall | runs/hour | student img/s | vs one at a time | vs reference | mean per run |")
     print("|---|---|---|---|---|---|---|")
     base = None
     for jobs in (int(j) for j in args.jobs.split(",")):
@@ -53,10 +52,10 @@ def main() -> None:
         images = sum(e["train_seconds"] * e["train_img_per_s"] for e in entries)
         per_hour = args.runs * 3600 / wall
         base = base or per_hour
-        train, stage, probe = (sum(e[k] for e in entries) / len(entries)
-                               for k in ("train_seconds", "student_stage_seconds", "probe_stage_seconds"))
+        splits = [time_split(e) for e in entries]
+        mean = {part: sum(split[part] for split in splits) / len(splits) for part in splits[0]}
         print(f"| {jobs} | {wall:.0f} s | {per_hour:.0f} | {images / wall:,.0f} | {per_hour / base:.2f}x | "
-              f"{images / wall / REFERENCE_IMG_S:.2f}x | {train:.1f}, {stage - train:.1f}, {probe:.1f} |", flush=True)
+              f"{images / wall / REFERENCE_IMG_S:.2f}x | {describe(mean)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def run(args) -> int:
                 longest = max(longest, entry["wall_seconds"])
                 record(args.results, cell, prepared[cell.name]["context"], key, entry, info)
                 print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe "
-                      f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s ({_where(entry)})",
+                      f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s ({describe(time_split(entry))})",
                       flush=True)
                 later = [c for c, *_ in todo] + [c for c, _ in running.values()]
                 if args.drop_caches and all(runner.cache_dir(c) != runner.cache_dir(cell) for c in later):
@@ -246,13 +246,17 @@ def run(args) -> int:
     return 0
 
 
-def _where(entry: dict) -> str:
+def time_split(entry: dict) -> dict[str, float]:
     """Where a run's wall time went: training epochs, evaluations, resume checkpoints, the rest of the student
     stage (start-up, loading, teacher features, saving) and the probe stage."""
     parts = {"train": entry["train_seconds"], "eval": entry["eval_seconds"], "checkpoints": entry["checkpoint_seconds"]}
     parts["student start-up/saving"] = entry["student_stage_seconds"] - sum(parts.values())
     parts["probe"] = entry["probe_stage_seconds"]
-    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
+    return parts
+
+
+def describe(split: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in split.items())
 
 
 def _read_runs(path: Path) -> dict:
