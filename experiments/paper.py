@@ -267,7 +267,9 @@ def _pm(values: list[float]) -> str:
     if not values:
         return "–"
     mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    if len(values) == 1:
+        return f"{100 * mean:.2f}"  # one seed has no spread to show
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
@@ -302,13 +304,14 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                                f"{_pm([r['best_test_acc'] for r in rows])} | "
                                f"{_pm([r['probe_test_acc'] for r in rows])} | {wall:.0f} |")
             out += ["", f"Layer criterion ablation ({grid['ablation']['method']}):", "",
-                    "| criterion | teacher layers | last-epoch top-1 (%) | linear probe (%) |", "|---|---|---|---|"]
+                    "| criterion | teacher layers | seeds | last-epoch top-1 (%) | linear probe (%) |",
+                    "|---|---|---|---|---|"]
             for criterion in ["Q", *grid["ablation"]["criteria"]]:
                 cell = cells.get(f"{regime}-{student}-{criterion}")
                 rows = _rows(cell, grid["ablation"]["method"]) if cell else []
                 if rows:
                     layers = " / ".join(sorted({str(r["teacher_layers"]) for r in rows}))
-                    out.append(f"| {criterion} | {layers} | "
+                    out.append(f"| {criterion} | {layers} | {len(rows)} | "
                                f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} |")
             out += ["", _q_chart(main), ""]
     return "\n".join(out).rstrip() + "\n" if out else "No runs yet.\n"

@@ -93,11 +93,18 @@ def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
     runs = json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"]
     ours = [runs["ours-s0"]["test_acc"], runs["ours-s1"]["test_acc"]]
     mean, std = sum(ours) / 2, abs(ours[0] - ours[1]) / 2 ** 0.5
+    ablation_path = grid / "results/small-resnet9-S.json"
+    ablation = json.loads(ablation_path.read_text())
+    del ablation["runs"]["ours-s1"]  # one seed: no spread to show
+    ablation_path.write_text(json.dumps(ablation))
+    only = ablation["runs"]["ours-s0"]
     doc = grid / "RESULTS.md"
     doc.write_text("# Results\n\nintro\n")
     text = paper_cli(grid, "table", "--write", str(doc))
     assert f"| ours | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in text
-    assert "| S | " in text and "| Q | " in text and "xychart-beta" in text
+    assert (f"| S | {only['teacher_layers']} | 1 | {100 * only['test_acc']:.2f} | "
+            f"{100 * only['probe_test_acc']:.2f} |") in text
+    assert "| Q | " in text and "xychart-beta" in text
     paper_cli(grid, "table", "--write", str(doc))
     written = doc.read_text()
     assert written.startswith("# Results\n\nintro\n") and written.count(paper.BEGIN) == 1
