@@ -136,7 +136,8 @@ class ExportParams(Section):
     head: Literal["student", "probe"] = Field("student", description="the head trained with the student or the probe")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset, pinned")
     batch_sizes: list[PositiveInt] = Field([1, 7, 256], description="parity-gate batch sizes (1, odd, large)")
-    batch_one_images: PositiveInt = Field(500, description="test images checked one at a time")
+    small_batch_images: PositiveInt = Field(500, description="test images checked at each batch size but the "
+                                                             "largest, which checks them all")
     atol: float = Field(1e-4, gt=0, description="max |onnxruntime - torch| logit difference (float32)")
     min_agreement: float = Field(0.999, gt=0, le=1, description="min top-1 agreement onnxruntime vs torch")
 

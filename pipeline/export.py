@@ -104,13 +104,18 @@ def read_metadata(path: str | Path) -> dict:
     return {**meta, "classes": json.loads(meta["classes"]), "image_shape": json.loads(meta["image_shape"])}
 
 
-def gate_images(images: np.ndarray, batch_sizes: list[int], batch_one_images: int) -> dict[int, np.ndarray]:
-    """Every test image at each batch size, except batch size 1 which checks the first `batch_one_images`."""
-    return {bs: images[:batch_one_images] if bs == 1 else images for bs in batch_sizes}
+def gate_images(images: np.ndarray, batch_sizes: list[int], small_batch_images: int) -> dict[int, np.ndarray]:
+    """Every test image at the largest batch size; the first `small_batch_images` at the others.
+
+    A graph that mishandles some batch size does so on any image; small batches only make the check slower (all
+    10k Fashion-MNIST test images at batch size 7 took longer than at 256 and than the export itself).
+    """
+    largest = max(batch_sizes)
+    return {bs: images if bs == largest else images[:small_batch_images] for bs in batch_sizes}
 
 
 def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, opset: int, batch_sizes: list[int],
-                   batch_one_images: int, atol: float, min_agreement: float) -> dict:
+                   small_batch_images: int, atol: float, min_agreement: float) -> dict:
     """Export, check and only then move the ONNX file into place; returns the parity figures."""
     from pipeline.io import atomic_path, read_manifest
     from pipeline.probe import load_probe
@@ -127,7 +132,7 @@ def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, 
     figures = {}
     with atomic_path(out_path) as tmp:
         export_onnx(model, tmp, tuple(data.meta["image_shape"]), opset, metadata)
-        for bs, images in gate_images(data.test_images, batch_sizes, batch_one_images).items():
+        for bs, images in gate_images(data.test_images, batch_sizes, small_batch_images).items():
             figures[bs] = parity_gate(tmp, reference, images, bs, atol, min_agreement)
     return {"max_abs_diff": max(f["max_abs_diff"] for f in figures.values()),
             "top1_agreement": min(f["top1_agreement"] for f in figures.values()),

@@ -30,7 +30,7 @@ def export(
     run = p.run or f"{cfg.methods[0]}-s{cfg.seeds[0]}"
     probe_dir = runs / f"probe-{run}" if p.head == "probe" else None
     figures = export_student(runs / f"student-{run}", probe_dir, prepared, out, p.opset, p.batch_sizes,
-                             p.batch_one_images, p.atol, p.min_agreement)
+                             p.small_batch_images, p.atol, p.min_agreement)
     write_json(metrics, figures)
     write_manifest(out.parent, "export", {"seed": cfg.seed, **p.model_dump()}, inputs={"data": prepared.data_id},
                    files={out.name: file_digest(out)})

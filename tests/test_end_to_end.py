@@ -25,7 +25,7 @@ SMALL = {
     "teacher": {"model": {"arch": "resnet34", "width": 0.0625}, "train": {"epochs": 1, "batch_size": 32}},
     "score": {"subset_a": 200, "subset_b_per_class": 10},
     "student": {"model": {"arch": "resnet9", "width": 0.0625}, "train": {"epochs": 2, "batch_size": 32}},
-    "export": {"batch_one_images": 20},
+    "export": {"small_batch_images": 20},
 }
 
 
@@ -74,7 +74,7 @@ def test_repro_writes_every_stage_output(repo):
     assert "| ours | 1 |" in (repo / "reports/summary.md").read_text()
     export = json.loads((repo / "metrics/export.json").read_text())
     assert export["max_abs_diff"] <= 1e-4 and export["top1_agreement"] >= 0.999
-    assert set(export["by_batch_size"]) == {"1", "7", "256"}
+    assert {bs: f["images"] for bs, f in export["by_batch_size"].items()} == {"1": 20, "7": 20, "256": 100}
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, capture_output=True, text=True,
                             env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     assert "up to date" in status.stdout
@@ -114,7 +114,7 @@ def test_failed_parity_gate_leaves_no_file(repo, tmp_path):
     result = CliRunner().invoke(app, ["export", "-p", str(repo / "params.yaml"), "--data", str(repo / "data/prepared"),
                                       "--runs", str(repo / "runs"), "--out", str(out), "--metrics",
                                       str(tmp_path / "e.json"), "-S", "export.atol=1e-12",
-                                      "-S", "export.batch_one_images=5"])
+                                      "-S", "export.small_batch_images=5"])
     assert result.exit_code == 1
     assert "ONNX parity gate failed" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
