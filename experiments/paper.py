@@ -175,7 +175,8 @@ class Runner:
                  "epochs": trained["epochs"], "probe_test_acc": probe["probe_test_acc"],
                  "teacher_layers": trained["teacher_layers"], "train_seconds": trained["train_seconds"],
                  "train_img_per_s": trained["train_img_per_s"], "eval_seconds": trained["eval_seconds"],
-                 "checkpoint_seconds": trained["checkpoint_seconds"],
+                 "checkpoint_seconds": trained["checkpoint_seconds"], "setup_seconds": trained["setup_seconds"],
+                 "probe_fit_seconds": probe["fit_seconds"],
                  "student_stage_seconds": round(student_seconds, 1), "probe_stage_seconds": round(probe_seconds, 1),
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
@@ -247,11 +248,14 @@ def run(args) -> int:
 
 
 def time_split(entry: dict) -> dict[str, float]:
-    """Where a run's wall time went: training epochs, evaluations, resume checkpoints, the rest of the student
-    stage (start-up, loading, teacher features, saving) and the probe stage."""
-    parts = {"train": entry["train_seconds"], "eval": entry["eval_seconds"], "checkpoints": entry["checkpoint_seconds"]}
+    """Where a run's wall time went: the student stage's set-up (model, teacher features, data on the device),
+    training epochs, evaluations, resume checkpoints and the rest (process start-up, loading, saving); the probe's
+    L-BFGS fits and the rest of its stage. Entries recorded before set-up and fits were timed count them in the rest."""
+    parts = {"setup": entry.get("setup_seconds", 0.0), "train": entry["train_seconds"], "eval": entry["eval_seconds"],
+             "checkpoints": entry["checkpoint_seconds"]}
     parts["student start-up/saving"] = entry["student_stage_seconds"] - sum(parts.values())
-    parts["probe"] = entry["probe_stage_seconds"]
+    parts["probe fits"] = entry.get("probe_fit_seconds", 0.0)
+    parts["probe rest"] = entry["probe_stage_seconds"] - parts["probe fits"]
     return parts
 
 

@@ -5,6 +5,7 @@ The L2 penalty is chosen on a held-out, class-stratified part of the training sp
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,17 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays:
 
 def probe_student(distiller: Distiller, data, device: torch.device, weight_decays: list[float], holdout: float,
                   seed: int, max_iter: int, batch_size: int = 1024) -> tuple[Probe, dict]:
-    """Fit the probe on the training split; report its train/test accuracy beside the student's own head."""
+    """Fit the probe on the training split; report its train/test accuracy beside the student's own head, and the
+    seconds its L-BFGS fits took (`fit_seconds`: every penalty tried, then the refit)."""
     from pipeline.teacher import device_splits
     from pipeline.train import evaluate, prepare_model
 
     distiller = prepare_model(distiller, device)
     train, test = device_splits(data, device)
     train_x, test_x = pooled_features(distiller, train, batch_size), pooled_features(distiller, test, batch_size)
+    start = time.perf_counter()
     probe, trials = fit_probe(train_x, train.labels, data.num_classes, weight_decays, holdout, seed, max_iter)
-    metrics = {"probe_test_acc": accuracy(probe.logits(test_x), test.labels),
+    metrics = {"fit_seconds": time.perf_counter() - start,"probe_test_acc": accuracy(probe.logits(test_x), test.labels),
                "probe_train_acc": accuracy(probe.logits(train_x), train.labels),
                "head_test_acc": evaluate(distiller, test, batch_size)["test_acc"],
                "weight_decay": probe.weight_decay, "trials": trials,

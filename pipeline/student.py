@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -157,7 +158,11 @@ def _standardize(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.Module, teacher_spec: ModelSpec,
                   selected: list[int] | None, cache: tuple | None, resume_path: Path | None, resume_key: str,
                   **callbacks) -> tuple[Distiller, dict, list[dict]]:
-    """Train with `params.method`; `cache` is (features, logits, manifest) from `load_cache` or None (online)."""
+    """Train with `params.method`; `cache` is (features, logits, manifest) from `load_cache` or None (online).
+
+    The summary's `setup_seconds`: building the model, making teacher features, moving the data to the device.
+    """
+    start = time.perf_counter()
     device = pick_device(params.device)
     spec = spec_for(params.model, data)
     student_layers, teacher_layers = resolve_layers(params, spec.arch, teacher_spec.arch, selected)
@@ -189,8 +194,9 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     if params.peak_lr == "max_lr":
         recipe = recipe.model_copy(update={"lr": params.max_lr})
     train, test = device_splits(data, device)
+    setup_seconds = time.perf_counter() - start
     state = fit(distiller, train, test, recipe, seed, resume_path, resume_key, step_loss=step_loss, **callbacks)
-    return distiller, summarise(state.history), state.history
+    return distiller, {**summarise(state.history), "setup_seconds": setup_seconds}, state.history
 
 
 def _device_cache(teacher: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int):

@@ -43,8 +43,9 @@ def grid(tmp_path_factory):
         "methods": ["ce", "ours"], "ablation": {"method": "ours", "criteria": ["S"]}}))
     first = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2", "--cells", "small-resnet9-Q")
     assert "4 runs to do" in first
-    assert re.search(r"ours-s1: .* s \(train [\d.]+ s, eval [\d.]+ s, checkpoints 0\.0 s, "
-                     r"student start-up/saving [\d.]+ s, probe [\d.]+ s\)", first)  # where each run's time went
+    assert re.search(r"ours-s1: .* s \(setup [\d.]+ s, train [\d.]+ s, eval [\d.]+ s, checkpoints 0\.0 s, "
+                     r"student start-up/saving [\d.]+ s, probe fits [\d.]+ s, probe rest [\d.]+ s\)",
+                     first)  # where each run's time went
     second = paper_cli(tmp, "run", "--work", str(tmp / "work"), "--jobs", "2", "--drop-caches")  # the rest only
     assert "2 runs to do" in second
     work = next((tmp / "work").iterdir())
@@ -65,6 +66,9 @@ def test_every_run_is_recorded_with_its_metrics(grid):
         assert entry["student_stage_seconds"] + entry["probe_stage_seconds"] == pytest.approx(entry["wall_seconds"],
                                                                                                abs=0.5)
         assert entry["eval_seconds"] > 0 and entry["checkpoint_seconds"] == 0  # runs shorter than resume_every_s
+        split = paper.time_split(entry)
+        assert split["setup"] > 0 and split["probe fits"] > 0 and min(split.values()) >= 0
+        assert sum(split.values()) == pytest.approx(entry["wall_seconds"], abs=0.5)
         manifest = json.loads((work / f"small/Q/resnet9/{key}/student/manifest.json").read_text())
         assert entry["code_version"] == manifest["code_version"]
         assert manifest["environment"]["cpu_threads"] == max(1, paper.usable_cores() // 2)  # 2 at once share cores
