@@ -105,11 +105,12 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
     train_x, test_x = pooled_features(distiller, train, batch_size), pooled_features(distiller, test, batch_size)
     start = time.perf_counter()
     probe, trials = fit_probe(train_x, train.labels, data.num_classes, weight_decays, holdout, seed, max_iter)
-    metrics = {"fit_seconds": time.perf_counter() - start,"probe_test_acc": accuracy(probe.logits(test_x), test.labels),
+    fit_seconds = time.perf_counter() - start
+    metrics = {"probe_test_acc": accuracy(probe.logits(test_x), test.labels),
                "probe_train_acc": accuracy(probe.logits(train_x), train.labels),
                "head_test_acc": evaluate(distiller, test, batch_size)["test_acc"],
                "weight_decay": probe.weight_decay, "trials": trials,
-               "layer": distiller.student_layers[-1], "feature_dims": train_x.shape[1]}
+               "layer": distiller.student_layers[-1], "feature_dims": train_x.shape[1], "fit_seconds": fit_seconds}
     return probe, metrics
 
 
