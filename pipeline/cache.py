@@ -49,8 +49,10 @@ class ChannelStats:
 
 
 def gather_features(model: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,
-                    on_batch: Callable[[int], None] | None = None) -> tuple[dict, dict, dict]:
-    """Features of `layers` (float16) and logits of every training image; their shapes; per-channel statistics.
+                    on_batch: Callable[[int], None] | None = None, channel_stats: bool = True
+                    ) -> tuple[dict, dict, dict]:
+    """Features of `layers` (float16) and logits of every training image; their shapes; per-channel statistics
+    (empty unless `channel_stats`).
 
     Batches land in one buffer per layer (key: layer; logits: "logits") on the device, or on the host when the
     device is short of memory.
@@ -64,17 +66,18 @@ def gather_features(model: nn.Module, data: Prepared, layers: list[int], device:
             probe, logits = features_and_logits(model, train.normalise(train.images[:1]), layers)
     shapes = {k: list(f.shape[1:]) for k, f in zip(layers, probe)}
     buffers = _buffers(n, shapes, logits.shape[1], device)
-    stats = {k: ChannelStats() for k in layers}
+    stats = {k: ChannelStats() for k in layers} if channel_stats else {}
 
     def sink(start: int, feats: list[torch.Tensor], logits: torch.Tensor) -> None:
         stop = start + len(logits)
         for k, f in zip(layers, feats):
             buffers[k][start:stop] = f
-            stats[k].update(f)
+            if channel_stats:
+                stats[k].update(f)
         buffers["logits"][start:stop] = logits
 
     extract(model, train, layers, batch_size, sink, on_batch)
-    return buffers, {str(k): shapes[k] for k in layers}, {str(k): stats[k].result() for k in layers}
+    return buffers, {str(k): shapes[k] for k in layers}, {str(k): s.result() for k, s in stats.items()}
 
 
 def write_cache(model: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,

@@ -174,7 +174,8 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
                                 loss_weights(params), params.train.batch_size, teacher)
     distiller = prepare_model(distiller, device)
     if needs_teacher(params.method) and not params.train.augment and params.teacher_features == "device":
-        cache = _device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size)
+        cache = _device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size,
+                              channel_stats=params.align == "standardize")
     stats = cache[2]["channel_stats"] if params.align == "standardize" and cache else None
     if params.align == "standardize" and cache is None:
         raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
@@ -199,11 +200,13 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     return distiller, {**summarise(state.history), "setup_seconds": setup_seconds}, state.history
 
 
-def _device_cache(teacher: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int):
+def _device_cache(teacher: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,
+                  channel_stats: bool):
     """What `load_cache` returns, made by one pass of the teacher over the training split, kept on `device`."""
     from pipeline.cache import gather_features
 
-    buffers, _, stats = gather_features(prepare_model(teacher, device), data, layers, device, batch_size)
+    buffers, _, stats = gather_features(prepare_model(teacher, device), data, layers, device, batch_size,
+                                        channel_stats=channel_stats)
     return [buffers[k] for k in sorted(layers)], buffers["logits"], {"channel_stats": stats}
 
 
