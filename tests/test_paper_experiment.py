@@ -93,6 +93,17 @@ def test_nothing_is_redone_and_a_spent_budget_starts_nothing(grid):
     assert json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
+def test_the_next_cell_is_prepared_while_runs_go(grid, tmp_path):
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "params": str(grid / "params.yaml"), "seeds": [2], "regimes": {"small": []}, "students": ["resnet9"],
+        "methods": ["ours"], "ablation": {"method": "ours", "criteria": ["S"]}}))
+    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"), "--jobs", "1")
+    assert "2 runs to do" in out
+    # S's scores and cache are started as Q's run starts (the teacher is shared), not once its slot is free
+    assert out.index("small-resnet9-S: preparing") < out.index("small-resnet9-Q ours-s2:")
+    assert set(json.loads((tmp_path / "results/small-resnet9-S.json").read_text())["runs"]) == {"ours-s2"}
+
+
 def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
     runs = json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"]
     ours = [runs["ours-s0"]["test_acc"], runs["ours-s1"]["test_acc"]]
