@@ -72,7 +72,7 @@ def gather_features(model: nn.Module, data: Prepared, layers: list[int], device:
         stop = start + len(logits)
         for k, f in zip(layers, feats):
             buffers[k][start:stop] = f
-            if channel_stats:
+            if k in stats:
                 stats[k].update(f)
         buffers["logits"][start:stop] = logits
 
