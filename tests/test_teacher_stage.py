@@ -39,6 +39,7 @@ def test_trains_and_writes_checkpoint_metrics_curves(workdir):
     metrics = json.loads((workdir / "m.json").read_text())
     assert metrics["epochs"] == 3 and metrics["test_acc"] > 0.9
     assert metrics["best_test_acc"] >= metrics["test_acc"]
+    assert 0 < metrics["setup_seconds"] < metrics["train_seconds"]  # the rest of the stage: start-up, saving
     manifest = json.loads((workdir / "teacher/manifest.json").read_text())
     assert [r["epoch"] for r in manifest["history"]] == [1, 2, 3]
     assert manifest["history"][-1]["test_acc"] == metrics["test_acc"]
