@@ -188,6 +188,20 @@ class Runner:
         return entry
 
 
+def _other_variant(path: Path, info: dict) -> str | None:
+    """Why the runs in `path` are not this invocation's variant of the grid (another params file or other extra
+    overrides, where they lie being no variant), else None: their runs would be skipped as done."""
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    variant = [saved.get("params"), [o for o in saved.get("extra_overrides", []) if not o.startswith("prepare.root=")]]
+    wanted = [info["params"], [o for o in info["extra_overrides"] if not o.startswith("prepare.root=")]]
+    if variant == wanted:
+        return None
+    return (f"{path} holds runs of params {variant[0]} with overrides {variant[1]}, not {wanted[0]} with "
+            f"{wanted[1]}: give this variant its own --results folder")
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity), not all the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -212,6 +226,10 @@ def run(args) -> int:
     grid, cells = load_grid(args.grid)
     runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs, args.grid.read_text())
     info = {"params": grid["params"], "extra_overrides": args.set or []}
+    for cell in cells:
+        mixed = _other_variant(args.results / f"{cell.name}.json", info)
+        if mixed:
+            return _bad_input(mixed)
     # seed-major: a chunk cut short has compared all methods on the seeds it finished, with one teacher (a later
     # chunk on a fresh machine trains its own)
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells

@@ -104,6 +104,16 @@ def test_the_next_cell_is_prepared_while_runs_go(grid, tmp_path):
     assert set(json.loads((tmp_path / "results/small-resnet9-S.json").read_text())["runs"]) == {"ours-s2"}
 
 
+def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
+    cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(grid / "grid.yaml"), "--results",
+           str(grid / "results"), "run", "--work", str(grid / "work"), "-S", "student.train.epochs=3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "small-resnet9-Q.json holds runs of params" in result.stderr and "own --results folder" in result.stderr
+    where = paper_cli(grid, "run", "--work", str(grid / "work"), "-S", f"prepare.root={grid / 'elsewhere'}")
+    assert "0 runs to do" in where  # where the data lie is no variant
+
+
 def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
     runs = json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"]
     ours = [runs["ours-s0"]["test_acc"], runs["ours-s1"]["test_acc"]]
