@@ -191,14 +191,16 @@ class Runner:
 def _other_variant(path: Path, info: dict) -> str | None:
     """Why the runs in `path` are not this invocation's variant of the grid (another params file or other extra
     overrides, where they lie being no variant), else None: their runs would be skipped as done."""
+    def variant(record: dict) -> list:
+        extra = record.get("extra_overrides", [])
+        return [record.get("params"), [o for o in extra if not o.startswith("prepare.root=")]]
+
     if not path.is_file():
         return None
-    saved = read_json(path)
-    variant = [saved.get("params"), [o for o in saved.get("extra_overrides", []) if not o.startswith("prepare.root=")]]
-    wanted = [info["params"], [o for o in info["extra_overrides"] if not o.startswith("prepare.root=")]]
-    if variant == wanted:
+    saved, wanted = variant(read_json(path)), variant(info)
+    if saved == wanted:
         return None
-    return (f"{path} holds runs of params {variant[0]} with overrides {variant[1]}, not {wanted[0]} with "
+    return (f"{path} holds runs of params {saved[0]} with overrides {saved[1]}, not {wanted[0]} with "
             f"{wanted[1]}: give this variant its own --results folder")
 
 
