@@ -32,7 +32,7 @@ bounded() {  # each command on its own and inside the deadline: one failing does
 
 bench() {
   bounded python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 \
-    --compile none,reduce-overhead
+    --compile none,reduce-overhead,cudagraphs
   bounded python3 bench/score_cache.py --device cuda --images 50000 --width 1
   bounded python3 bench/digest.py --gb 2
 }

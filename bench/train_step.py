@@ -1,13 +1,15 @@
 """Benchmark: pipeline training steps vs bare models on the same card, side by side in one run.
 
-    python bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 --compile none,reduce-overhead
+    python bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 \
+        --compile none,reduce-overhead,cudagraphs
 
 For each compile mode: a bare ResNet-9 (cross-entropy, fused AdamW) vs the `ours` student epoch of
 `pipeline.train.train_one_epoch` (cached float16 teacher features of ResNet-34 layers 12-15 gathered by sample
 id, four 1x1 projectors, feature MSE, detached head); and a bare ResNet-34 vs the teacher's epoch (the same
 `train_one_epoch` with cross-entropy). Both sides use the same device-resident data, bf16 autocast and
 channels_last on a GPU. Each side runs a warm-up epoch (compilation, graph capture), then --repeats timed epochs
-alternating with the other side's (the best of each counts). In eager mode one more epoch counts the aten
+alternating with the other side's (the best of each counts); "warm-up" is the pipeline side's first epoch less its
+best one: what compilation costs a run once. In eager mode one more epoch counts the aten
 operations dispatched per step: about one kernel launch each, so their ratio predicts the speed ratio where a
 small-batch step is bound by launches, and it does not vary from run to run (on CPUs the optimizer is not fused,
 so the counts there are higher than on a GPU).
@@ -30,7 +32,7 @@ from pipeline.layers import layer_shapes
 from pipeline.models import ModelSpec, build_model
 from pipeline.student import TeacherTargets, build_distiller
 from pipeline.train import (autocast, compiled, cross_entropy_step, make_optimizer, make_scheduler, prepare_model,
-                            train_one_epoch)
+                            train_one_epoch, uses_cuda_graphs)
 
 TEACHER_LAYERS = [12, 13, 14, 15]
 
@@ -53,7 +55,7 @@ def bare_trainer(model, data: DeviceData, batch: int, mode: str):
     def epoch():
         model.train()
         for _, x, y in data.batches(batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)):
-            if mode == "reduce-overhead":
+            if uses_cuda_graphs(mode):
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast(data.device):
                 loss = F.cross_entropy(step(x).float(), y)
@@ -122,8 +124,8 @@ def main() -> None:
                                                                       cross_entropy_step)}
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{card}, torch {torch.__version__}, width x{args.width}, batch {args.batch}, {args.images} images")
-    print("| step | compile | bare img/s | pipeline img/s | ratio | ops/step bare, pipeline |")
-    print("|---|---|---|---|---|---|")
+    print("| step | compile | bare img/s | pipeline img/s | ratio | warm-up | ops/step bare, pipeline |")
+    print("|---|---|---|---|---|---|---|")
     images_per_epoch = data.steps(args.batch, True) * args.batch
     for mode in args.compile.split(","):
         for name in args.only.split(","):
@@ -132,8 +134,7 @@ def main() -> None:
             trainers = {"bare": bare_trainer(prepare_model(build_model(spec), device), data, args.batch, mode),
                         "pipeline": pipeline_trainer(prepare_model(build(), device), data, args.batch, mode,
                                                      step_loss, epochs=args.repeats + 2)}  # + warm-up, count
-            for epoch in trainers.values():  # warm-up: compilation, CUDA graph capture, allocator
-                epoch()
+            first = {side: timed(device, epoch) for side, epoch in trainers.items()}  # compilation, graph capture
             seconds = {side: float("inf") for side in trainers}
             for _ in range(args.repeats):  # alternating, best of each: neither side gets the warmer card
                 for side, epoch in trainers.items():
@@ -144,8 +145,9 @@ def main() -> None:
                 steps = data.steps(args.batch, True)
                 ops = ", ".join(f"{ops_per_step(epoch, steps):.0f}" for epoch in trainers.values())
             label = "ours student" if name == "student" else "teacher"
+            warm_up = first["pipeline"] - seconds["pipeline"]
             print(f"| {label} | {mode} | {speed['bare']:,.0f} | {speed['pipeline']:,.0f} | "
-                  f"{speed['pipeline'] / speed['bare']:.2f}x | {ops} |", flush=True)
+                  f"{speed['pipeline'] / speed['bare']:.2f}x | {warm_up:.1f} s | {ops} |", flush=True)
 
 
 if __name__ == "__main__":

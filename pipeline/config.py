@@ -52,8 +52,9 @@ class RecipeParams(Section):
     augment: bool = Field(False, description="per-image random crop (pad 4) and horizontal flip")
     eval_batch_size: PositiveInt = Field(1024, description="batch size for evaluation")
     sync_batchnorm: bool = Field(False, description="torchrun on GPUs: BatchNorm statistics over the global batch")
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
-        "none", description="torch.compile the training step; reduce-overhead adds CUDA graphs (GPU)")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "cudagraphs"] = Field(
+        "none", description="torch.compile the training step; reduce-overhead adds CUDA graphs (GPU); cudagraphs: "
+        "CUDA graphs of the step's own kernels, no inductor code generation (a short warm-up)")
     resume_every_s: float = Field(60.0, ge=0, description="with --resume-dir: seconds of training between resume "
                                   "checkpoints (0: after every epoch)")
 
