@@ -2,7 +2,7 @@
 # One prepared call on a lent GPU machine (no dvc, no pydantic there): set-up, then the given modes in order,
 # all inside SESSION_S seconds (default 570, one call's worth):
 #   bench        ~4 min: step ratios per compile mode, score/cache, digest
-#   pipeline     ~7 min: the GPU profile end to end, `ours` only
+#   pipeline     ~7 min: the GPU profile end to end, `ours` only (PIPELINE_SETS: extra -S overrides)
 #   experiment   the next chunk of experiments/paper.py in what is left (or BUDGET_S), results to $OUT
 #   concurrency  ~5 min: 8 short student runs one at a time vs 4 and 8 at once
 # e.g. SESSION_S=560 bash bench/device_check.sh pipeline experiment
@@ -38,7 +38,8 @@ bench() {
 }
 
 pipeline() {
-  METHODS=ours bounded bash bench/gpu_pipeline.sh profiles/gpu.yaml "$fmnist"
+  # shellcheck disable=SC2086  # PIPELINE_SETS splits into words, e.g. "-S teacher.train.compile=cudagraphs"
+  METHODS=ours bounded bash bench/gpu_pipeline.sh profiles/gpu.yaml "$fmnist" ${PIPELINE_SETS:-}
   tar czf "$OUT/pipeline.tgz" stage_times.txt metrics 2>/dev/null || true
 }
 
