@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared call on a lent GPU machine (no dvc, no pydantic there): set-up, then the given modes in order,
 # all inside SESSION_S seconds (default 570, one call's worth):
-#   bench        ~4 min: step ratios per compile mode, score/cache, digest
+#   bench        ~5 min: step ratios per compile mode, score/cache, digest
+#   compile      ~1 min: the step ratios and warm-up under COMPILE (default cudagraphs) alone
 #   pipeline     ~7 min: the GPU profile end to end, `ours` only (PIPELINE_SETS: extra -S overrides)
 #   experiment   the next chunk of experiments/paper.py in what is left (or BUDGET_S), results to $OUT
 #   concurrency  ~5 min: 8 short student runs one at a time vs 4 and 8 at once
@@ -12,8 +13,8 @@ set -euo pipefail
 modes=("${@:-bench}")
 for mode in "${modes[@]}"; do
   case $mode in
-    bench | pipeline | experiment | concurrency) ;;
-    *) echo "unknown mode: $mode (bench, pipeline, experiment, concurrency)" >&2; exit 2 ;;
+    bench | compile | pipeline | experiment | concurrency) ;;
+    *) echo "unknown mode: $mode (bench, compile, pipeline, experiment, concurrency)" >&2; exit 2 ;;
   esac
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -30,9 +31,16 @@ bounded() {  # each command on its own and inside the deadline: one failing does
   timeout "$left" "$@" 2>&1 | tee -a "$OUT/run.log" || echo "FAILED: $*"
 }
 
+steps() {
+  bounded python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 --compile "$1" "${@:2}"
+}
+
+compile() {
+  steps "${COMPILE:-cudagraphs}" --repeats 1
+}
+
 bench() {
-  bounded python3 bench/train_step.py --device cuda --images 50000 --width 1 --batch 128 \
-    --compile none,reduce-overhead,cudagraphs
+  steps none,reduce-overhead,cudagraphs
   bounded python3 bench/score_cache.py --device cuda --images 50000 --width 1
   bounded python3 bench/digest.py --gb 2
 }
