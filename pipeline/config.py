@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from pipeline.errors import InputError
 
@@ -77,7 +77,8 @@ class ScoreParams(Section):
     subset_b_per_class: PositiveInt = Field(500, description="subset B samples per class (class spectra)")
     criterion: Literal["Q", "S", "I", "E", "sqrtIE"] = Field("Q", description="rank layers by this score")
     k: PositiveInt = Field(4, description="layers to select: the number of distilled student layers")
-    layers: Optional[list[int]] = Field(None, description="explicit teacher layers, overriding the selection")
+    layers: Optional[list[NonNegativeInt]] = Field(None, description="explicit teacher layers, overriding the "
+                                                   "selection (numbered from 0, as in the scores' layers.csv)")
     dtype: Literal["float64", "float32"] = Field("float64", description="precision of Gram and spectra")
     batch_size: PositiveInt = Field(500, description="teacher forward batch size")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
@@ -104,8 +105,9 @@ class StudentParams(Section):
         "lr", description="OneCycle peak: train.lr (what the reference code ran: 0.05 for KD students) or max_lr "
                           "(the reference configs' MaxLR field, printed but never used by its optimizer)")
     max_lr: float = Field(0.0075, gt=0, description="peak when peak_lr is max_lr")
-    student_layers: Optional[list[int]] = Field(None, description="distilled student layers; null: standard list")
-    teacher_layers: Optional[list[int]] = Field(
+    student_layers: Optional[list[NonNegativeInt]] = Field(
+        None, description="distilled student layers (numbered from 0); null: standard list")
+    teacher_layers: Optional[list[NonNegativeInt]] = Field(
         None, description="null: selected by `score` for ours*, the teacher's standard list for the baselines")
     ce_weight: float = Field(1.0, ge=0, description="cross-entropy weight")
     kl_weight: float = Field(16.0, ge=0, description="KL weight (tau^2 in the paper)")

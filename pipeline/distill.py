@@ -118,6 +118,10 @@ class Distiller(nn.Module):
             if teacher_tail is None:
                 raise InputError("simkd needs the teacher's layers after its deepest distilled layer")
             self.tail = nn.ModuleList(teacher_tail).requires_grad_(False)
+            # the teacher's tail makes the logits: the student's own head would get no gradient (which
+            # DistributedDataParallel refuses) and is left out of the optimiser
+            for module in self.view.modules[self.view.ends[self.student_layers[-1]] + 1:]:
+                module.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -3,7 +3,8 @@
 Launch any training stage as `torchrun --nproc-per-node N -m stages.cli teacher ...` (multi-node through
 torchrun's rendezvous options). `batch_size` stays the GLOBAL batch and `lr` applies to it unchanged, so N
 processes follow the same optimisation as one process with that batch, up to BatchNorm: its statistics are per
-process unless `train.sync_batchnorm` is on. Rank 0 alone logs and writes outputs.
+process unless `train.sync_batchnorm` is on, and the terms computed across a batch (`sp`, `relation_weight`)
+compare the samples of each process's share of it. Rank 0 alone logs and writes outputs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sync_batchnorm_in_place(model: torch.nn.Module) -> None:
+    """BatchNorm layers replaced by SyncBatchNorm, also in the layer chains that run a Distiller's student."""
+    from pipeline.layers import LayerChain
+
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the children of model's modules
+    for module in model.modules():
+        if isinstance(getattr(module, "view", None), LayerChain):  # its list still holds the old layers
+            module.view = LayerChain(module.view.model)
+
+
 def wrap(model: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around `model` when running under torchrun, else `model` itself.
 
@@ -57,5 +68,5 @@ def wrap(model: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn.Modul
     if sync_batchnorm:
         if not on_gpu:
             raise InputError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        sync_batchnorm_in_place(model)
     return DistributedDataParallel(model, device_ids=[local_rank()] if on_gpu else None)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import distributed
 from pipeline.checkpoint import load_torch, save_torch
 from pipeline.config import StudentParams
 from pipeline.data import Prepared
@@ -66,13 +67,13 @@ def build_distiller(student_spec: ModelSpec, method: str, student_layers: list[i
         raise InputError("distilled students must be one of the paper's architectures (generalized layers)")
     shapes = layer_shapes(student, (student_spec.in_chans, student_spec.image_size, student_spec.image_size))
     view = LayerChain(student)
-    student_shapes = [shapes[view.index(k)] for k in sorted(student_layers)]
+    student_shapes = [shapes[k] for k in sorted(view.index(k) for k in student_layers)]
     tail = None
     if METHODS[method].features == "simkd":
         if not isinstance(teacher, nn.Sequential):
             raise InputError("simkd needs a teacher from the paper's architectures")
         chain = LayerChain(teacher)
-        tail = [m for m in chain.modules[chain.ends[chain.index(teacher_layers[-1])] + 1:]]
+        tail = chain.modules[chain.ends[chain.index(teacher_layers[-1])] + 1:]
     distiller = Distiller(student, method, student_layers, teacher_layers, student_shapes, teacher_shapes,
                           weights, tail, batch_size)
     distiller.student_spec = student_spec
@@ -163,6 +164,9 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     The summary's `setup_seconds`: building the model, making teacher features, moving the data to the device.
     """
     start = time.perf_counter()
+    if METHODS[params.method].features == "semckd" and distributed.rank_and_world()[1] > 1:
+        raise InputError("semckd's attention layers are sized by the whole batch: train it in one process, "
+                         "not under torchrun")
     device = pick_device(params.device)
     spec = spec_for(params.model, data)
     student_layers, teacher_layers = resolve_layers(params, spec.arch, teacher_spec.arch, selected)
@@ -173,11 +177,12 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     distiller = build_distiller(spec, params.method, student_layers, teacher_layers, teacher_shapes,
                                 loss_weights(params), params.train.batch_size, teacher)
     distiller = prepare_model(distiller, device)
+    standardize = params.align == "standardize" and needs_teacher(params.method)  # `ce` has no targets to align
     if needs_teacher(params.method) and not params.train.augment and params.teacher_features == "device":
         cache = _device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size,
-                              channel_stats=params.align == "standardize")
-    stats = cache[2]["channel_stats"] if params.align == "standardize" and cache else None
-    if params.align == "standardize" and cache is None:
+                              channel_stats=standardize)
+    stats = cache[2]["channel_stats"] if standardize and cache else None
+    if standardize and cache is None:
         raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
     if not needs_teacher(params.method):
         targets = lambda ids, x: (None, None)  # noqa: E731 - plain cross-entropy needs no teacher

@@ -156,6 +156,7 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     ("teacher:\n  train:\n    milestones: 5\n", "params: teacher.train.milestones: Input should be a valid list"),
     ("teacher:\n  device: tpu\n", "params: teacher.device: Input should be 'auto', 'cpu' or 'cuda'"),
     ("seed: 1.5\n", "params: seed: Input should be a valid integer"),
+    ("student:\n  teacher_layers: [3, -2]\n", "params: student.teacher_layers.1: Input should be greater than or"),
     ("prepare: 5\n", "params: prepare: Input should be a valid dictionary"),
 ])
 def test_wrong_type(tmp_path, text, message):

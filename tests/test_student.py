@@ -267,6 +267,13 @@ def test_distribution_aware_alignment_standardizes_targets(pipe):
     _, _, history = _train(pipe, "ours", epochs=2, align="standardize", relation_weight=0.5)
     assert history[-1]["loss_relation"] > 0
 
+    # the plain student of the same params (the stage passes it no cache) has no targets to align: it trains
+    params = load_params(pipe / "params.yaml", ["student.method=ce", "student.train.epochs=1",
+                                                "student.align=standardize"])
+    teacher, spec, _ = load_teacher(pipe / "teacher", data)
+    _, summary, _ = train_student(data, params.student, 0, teacher, spec, None, None, None, "")
+    assert summary["epochs"] == 1
+
 
 def test_student_stage_resume_and_outputs(pipe, tmp_path):
     out = ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "m.json"), "--live-dir", str(tmp_path / "l"),
