@@ -40,11 +40,14 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec, dict]:
     ckpt = load_torch(path)
     if ckpt.get("format") != "kd-model/1":
         raise InputError(f"{path} is not a model checkpoint of this pipeline")
-    spec = ModelSpec(**{**ckpt["spec"], "pretrained": False})
+    try:
+        spec = ModelSpec(**{**ckpt["spec"], "pretrained": False})
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{path}: malformed model description ({type(err).__name__}: {err})") from None
     model = build_model(spec)
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
+    except (KeyError, TypeError, RuntimeError) as err:
         raise InputError(f"{path}: weights do not fit {spec.arch}: {str(err).splitlines()[0]}") from None
     info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "spec", "format")}
     return model.eval(), spec, info

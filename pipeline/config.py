@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
 
 from pipeline.errors import InputError
 
@@ -77,7 +77,7 @@ class ScoreParams(Section):
     subset_b_per_class: PositiveInt = Field(500, description="subset B samples per class (class spectra)")
     criterion: Literal["Q", "S", "I", "E", "sqrtIE"] = Field("Q", description="rank layers by this score")
     k: PositiveInt = Field(4, description="layers to select: the number of distilled student layers")
-    layers: Optional[list[NonNegativeInt]] = Field(None, description="explicit teacher layers, overriding the "
+    layers: Optional[list[NonNegativeInt]] = Field(None, min_length=1, description="explicit teacher layers, overriding the "
                                                    "selection (numbered from 0, as in the scores' layers.csv)")
     dtype: Literal["float64", "float32"] = Field("float64", description="precision of Gram and spectra")
     batch_size: PositiveInt = Field(500, description="teacher forward batch size")
@@ -123,7 +123,8 @@ class StudentParams(Section):
 
 
 class ProbeParams(Section):
-    weight_decays: list[float] = Field([0.0, 1e-4, 1e-3, 1e-2], description="L2 penalties tried on held-out data")
+    weight_decays: list[NonNegativeFloat] = Field([0.0, 1e-4, 1e-3, 1e-2], min_length=1,
+                                                  description="L2 penalties tried on held-out data")
     holdout: float = Field(0.1, gt=0, lt=1, description="share of the training split held out to pick the penalty")
     max_iter: PositiveInt = Field(200, description="L-BFGS iterations")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
@@ -138,7 +139,8 @@ class ExportParams(Section):
                                                  "null: the first of `methods` with the first of `seeds`")
     head: Literal["student", "probe"] = Field("student", description="the head trained with the student or the probe")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset, pinned")
-    batch_sizes: list[PositiveInt] = Field([1, 7, 256], description="parity-gate batch sizes (1, odd, large)")
+    batch_sizes: list[PositiveInt] = Field([1, 7, 256], min_length=1,
+                                           description="parity-gate batch sizes (1, odd, large)")
     small_batch_images: PositiveInt = Field(500, description="test images checked at each batch size but the "
                                                              "largest, which checks them all")
     atol: float = Field(1e-4, gt=0, description="max |onnxruntime - torch| logit difference (float32)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.errors import InputError
+
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
@@ -101,6 +103,8 @@ def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str], device:
     for run_dir in [Path(runs_dir) / f"student-{name}" for name in run_names]:
         manifest = read_manifest(run_dir, "student")
         method, seed = manifest["params"]["method"], manifest["params"]["seed"]
+        if run_dir.name != f"student-{method}-s{seed}":  # a copied or renamed run would be reported as another
+            raise InputError(f"{run_dir} holds the student of method {method}, seed {seed}")
         distiller, _, _ = load_student_dir(run_dir, data)
         distiller = prepare_model(distiller, device)
         logits = predict_logits(distiller, test, batch_size)

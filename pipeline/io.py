@@ -22,6 +22,7 @@ from pipeline import __version__
 from pipeline.errors import InputError
 
 MANIFEST = "manifest.json"
+MANIFEST_KEYS = {"stage", "params", "params_hash", "inputs", "files"}  # "digest": older ones lack it
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -30,7 +31,12 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"cannot make the folder of output {path}: a file is in the way") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -53,7 +59,7 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"missing file: {path}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"corrupt JSON in {path}: {err}") from None
 
 
@@ -163,6 +169,8 @@ def read_manifest(out_dir: str | Path, stage: str) -> dict:
     if not path.is_file():
         raise InputError(f"{out_dir} has no {MANIFEST}: run the `{stage}` stage first")
     manifest = read_json(path)
+    if not isinstance(manifest, dict) or not MANIFEST_KEYS <= manifest.keys():
+        raise InputError(f"{path} is not a manifest of this pipeline (corrupt or hand-made)")
     if manifest.get("stage") != stage:
         raise InputError(f"{path} was written by stage {manifest.get('stage')!r}, expected {stage!r}")
     return manifest

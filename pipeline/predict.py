@@ -60,7 +60,7 @@ def gather_inputs(paths: list[Path], shape: tuple[int, int, int]) -> Inputs:
             else:
                 inputs.images.append(_load_image(path, shape))
                 inputs.names.append(str(path))
-        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        except (OSError, ValueError, EOFError) as err:  # PIL's UnidentifiedImageError is an OSError; EOF: empty .npy
             inputs.skipped.append((str(path), str(err).splitlines()[0] if str(err) else type(err).__name__))
     return inputs
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.data import DeviceData
 from pipeline.distill import Distiller
+from pipeline.errors import InputError, TrainingError
 from pipeline.sources import stratified_mask
 from pipeline.train import autocast
 
@@ -53,6 +54,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_deca
         return loss
 
     opt.step(closure)
+    if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+        raise TrainingError(f"the probe's fit diverged (weight decay {weight_decay:g})")
     return w.detach(), b.detach()
 
 
@@ -103,6 +106,8 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
     distiller = prepare_model(distiller, device)
     train, test = device_splits(data, device)
     train_x, test_x = pooled_features(distiller, train, batch_size), pooled_features(distiller, test, batch_size)
+    if not (torch.isfinite(train_x).all() and torch.isfinite(test_x).all()):
+        raise InputError("the student's features are not finite (NaN or inf in its weights): retrain it")
     start = time.perf_counter()
     probe, trials = fit_probe(train_x, train.labels, data.num_classes, weight_decays, holdout, seed, max_iter)
     fit_seconds = time.perf_counter() - start

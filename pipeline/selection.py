@@ -6,18 +6,23 @@ from pipeline.errors import InputError
 from pipeline.quality import select_layers
 
 
-def choose_layers(rows: list[dict], criterion: str, k: int, explicit: list[int] | None) -> tuple[list[int], str]:
-    """Return (layers sorted by depth, how they were chosen)."""
-    n = len(rows)
+def check_choice(n: int, k: int, explicit: list[int] | None) -> None:
+    """Refuse explicit layers outside the teacher's n layers or repeated, or a k above n."""
     if explicit is not None:
         bad = [i for i in explicit if not 0 <= i < n]
         if bad:
             raise InputError(f"score.layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
         if len(set(explicit)) != len(explicit):
             raise InputError(f"score.layers {explicit} repeats a layer")
-        return sorted(explicit), "params"
-    if k > n:
+    elif k > n:
         raise InputError(f"score.k is {k} but the teacher has only {n} layers")
+
+
+def choose_layers(rows: list[dict], criterion: str, k: int, explicit: list[int] | None) -> tuple[list[int], str]:
+    """Return (layers sorted by depth, how they were chosen)."""
+    check_choice(len(rows), k, explicit)
+    if explicit is not None:
+        return sorted(explicit), "params"
     return select_layers(rows, criterion, k), f"top-{k} by {criterion}"
 
 

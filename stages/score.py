@@ -30,14 +30,13 @@ def score(
     from pipeline.io import file_digest, write_csv, write_json, write_manifest
     from pipeline.layers import layer_view
     from pipeline.scoring import score_layers
-    from pipeline.selection import choose_layers
+    from pipeline.selection import check_choice, choose_layers
     from pipeline.teacher import load_teacher
     from pipeline.train import pick_device, prepare_model
 
     prepared = load_prepared(data)
     model, spec, teacher_id = load_teacher(teacher_dir, prepared)
-    if p.layers is not None:  # validate the override before spending time on scoring
-        choose_layers([{}] * len(layer_view(model)), p.criterion, p.k, p.layers)
+    check_choice(len(layer_view(model)), p.k, p.layers)  # before spending time on scoring
     device = pick_device(p.device)
     model = prepare_model(model, device)
     with TaskProgress("score", len(layer_view(model)), unit="layers") as progress:

@@ -85,11 +85,13 @@ def test_predict_on_png_files_equals_evaluate(repo, tmp_path):
     for i, image in enumerate(test_images):
         Image.fromarray(image[..., 0]).save(tmp_path / f"{i:03d}.png")
     (tmp_path / "zz_broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "zz_empty.npy").write_bytes(b"")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "zz_small.png")
     result = CliRunner().invoke(app, ["predict", str(tmp_path), "--model", str(repo / "models/export/model.onnx"),
                                       "--out", str(tmp_path / "pred.json"), "--top-k", "2"])
     assert result.exit_code == 3, result.output  # something was skipped
-    assert "skipped" in result.output and "zz_broken.png" in result.output and "zz_small.png" in result.output
+    assert "skipped" in result.output and all(f"zz_{name}" in result.output
+                                              for name in ("broken.png", "empty.npy", "small.png"))
     rows = json.loads((tmp_path / "pred.json").read_text())
     assert [Path(r["input"]).name for r in rows] == [f"{i:03d}.png" for i in range(30)]
     with open(repo / "plots/confusion/ours-s0.csv") as f:
@@ -107,6 +109,9 @@ def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
     onnx.save_model(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(tmp_path / "other.onnx"))
     result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(tmp_path / "other.onnx")])
     assert result.exit_code == 2 and "not exported by this pipeline" in result.output
+    result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(repo / "models/export/model.onnx"),
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2 and f"output {tmp_path} is a folder" in result.output
 
 
 def test_failed_parity_gate_leaves_no_file(repo, tmp_path):
@@ -118,6 +123,30 @@ def test_failed_parity_gate_leaves_no_file(repo, tmp_path):
     assert result.exit_code == 1
     assert "ONNX parity gate failed" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_parity_gate_fails_on_nan_logits(repo):
+    from pipeline.errors import ParityError
+    from pipeline.export import parity_gate
+
+    images = np.load(repo / "data/prepared/test_images.npy")[:8]
+    with pytest.raises(ParityError, match="max \\|logit diff\\| nan"):  # NaN > atol is False: it once passed
+        parity_gate(repo / "models/export/model.onnx", np.full((8, 10), np.nan, np.float32), images, 4, 1e-4,
+                    min_agreement=0.0)  # the logit check alone
+
+
+def test_evaluate_refuses_a_run_under_another_runs_name(repo, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(repo / "runs", runs)
+    shutil.rmtree(runs / "student-ce-s0")
+    shutil.copytree(runs / "student-ours-s0", runs / "student-ce-s0")
+    result = CliRunner().invoke(app, ["evaluate", "-p", str(repo / "params.yaml"), "--data",
+                                      str(repo / "data/prepared"), "--teacher", str(repo / "models/teacher"),
+                                      "--runs", str(runs), "--metrics", str(tmp_path / "e.json"),
+                                      "--report", str(tmp_path / "s.md"), "--plots", str(tmp_path / "p")])
+    assert result.exit_code == 2
+    assert "student-ce-s0 holds the student of method ours, seed 0" in result.output
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_evaluate_reads_only_the_runs_of_the_current_matrix(repo, tmp_path):

@@ -1,4 +1,4 @@
-"""File digests: sha256 over 16 MiB blocks, computed while writing and when verifying, equal to the definition."""
+"""File digests (sha256 over 16 MiB blocks, equal to the definition), manifests, checkpoints and atomic outputs."""
 
 import hashlib
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.io import BLOCK, file_digest, read_verified, save_npy, write_manifest
+from pipeline.io import BLOCK, file_digest, read_verified, save_npy, write_json, write_manifest
 
 
 def block_sha256(data: bytes) -> str:
@@ -65,3 +65,33 @@ def test_code_version_without_git_digests_the_sources(monkeypatch):
         assert io.code_version() == version  # stable for the same sources
     finally:
         io.code_version.cache_clear()
+
+
+@pytest.mark.parametrize("content", [b"\xe0\x00binary", b"[1, 2]", b'{"stage": "prepare", "params": {}}'])
+def test_corrupt_manifests_are_refused_in_one_line(tmp_path, content):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(InputError, match="corrupt JSON|not a manifest of this pipeline") as err:
+        read_verified(tmp_path, "prepare", {})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("checkpoint", [
+    {"format": "kd-model/1"},
+    {"format": "kd-model/1", "spec": {"arch": "resnet9", "bogus": 1}, "state_dict": {}},
+    {"format": "kd-model/1", "spec": {"arch": "resnet9", "num_classes": 3, "in_chans": 1, "image_size": 8,
+                                      "width": 0.0625}, "state_dict": [1, 2]},
+])
+def test_malformed_model_checkpoints_are_refused_in_one_line(tmp_path, checkpoint):
+    from pipeline.checkpoint import load_model, save_torch
+
+    save_torch(tmp_path / "model.pt", checkpoint)
+    with pytest.raises(InputError, match="model.pt: ") as err:
+        load_model(tmp_path / "model.pt")
+    assert "\n" not in str(err.value)
+
+
+def test_an_output_onto_a_folder_is_refused_and_the_folder_kept(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        write_json(tmp_path / "out", {})
+    assert (tmp_path / "out").is_dir()

@@ -157,6 +157,9 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     ("teacher:\n  device: tpu\n", "params: teacher.device: Input should be 'auto', 'cpu' or 'cuda'"),
     ("seed: 1.5\n", "params: seed: Input should be a valid integer"),
     ("student:\n  teacher_layers: [3, -2]\n", "params: student.teacher_layers.1: Input should be greater than or"),
+    ("export:\n  batch_sizes: []\n", "params: export.batch_sizes: List should have at least 1 item"),
+    ("probe:\n  weight_decays: []\n", "params: probe.weight_decays: List should have at least 1 item"),
+    ("probe:\n  weight_decays: [-1.0]\n", "params: probe.weight_decays.0: Input should be greater than or"),
     ("prepare: 5\n", "params: prepare: Input should be a valid dictionary"),
 ])
 def test_wrong_type(tmp_path, text, message):

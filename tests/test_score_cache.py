@@ -79,10 +79,15 @@ def test_score_criterion_and_override(trained):
     assert json.loads((trained / "given/selection.json").read_text())["layers"] == [2, 5, 9]
 
 
-def test_bad_override_exits_2_before_work(trained):
-    result = score(trained, "-S", "score.layers=[0, 18]", out="bad")
+@pytest.mark.parametrize("override, message", [
+    ("score.layers=[0, 18]", "score.layers [18] out of range: the teacher has 18 layers"),
+    ("score.layers=[]", "score.layers: List should have at least 1 item"),  # was: ours silently on standard layers
+    ("score.k=19", "score.k is 19 but the teacher has only 18 layers"),
+])
+def test_bad_override_exits_2_before_work(trained, override, message):
+    result = score(trained, "-S", override, out="bad")
     assert result.exit_code == 2
-    assert "score.layers [18] out of range: the teacher has 18 layers" in result.output
+    assert message in result.output
     assert not (trained / "bad").exists()
 
 

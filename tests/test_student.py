@@ -15,7 +15,7 @@ from pipeline.distill import METHODS, Distiller, LossWeights
 from pipeline.errors import InputError
 from pipeline.layers import layer_shapes
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
-from pipeline.probe import fit_probe
+from pipeline.probe import fit_probe, probe_student
 from pipeline.student import TeacherTargets, build_distiller, load_student_dir, train_student
 from pipeline.teacher import load_teacher
 from tiny import run_stage, tiny_pipeline
@@ -291,6 +291,11 @@ def test_student_stage_resume_and_outputs(pipe, tmp_path):
 
     result = run_stage(pipe, "student", *out, "-S", "student.train.lr=1e30")
     assert result.exit_code == 1 and "non-finite training loss" in result.output
+
+    with torch.no_grad():  # a student whose weights went NaN gets no probe (it used to get a NaN one)
+        next(distiller.parameters()).fill_(float("nan"))
+    with pytest.raises(InputError, match="student's features are not finite"):
+        probe_student(distiller, load_prepared(pipe / "data"), torch.device("cpu"), [0.0], 0.2, 0, 10)
 
 
 def test_student_resume_after_kill_equals_uninterrupted(pipe):
