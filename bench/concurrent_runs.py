@@ -46,8 +46,8 @@ def main() -> None:
             shutil.rmtree(runner.run_dir(cell, args.method, seed, f"-j{jobs}"), ignore_errors=True)
         start = time.perf_counter()
         with ThreadPoolExecutor(jobs) as pool:
-            entries = list(pool.map(lambda seed: runner.student_run(cell, prepared, args.method, seed, f"-j{jobs}"),
-                                    range(args.runs)))
+            entries = list(pool.map(lambda seed: runner.student_run(cell, prepared, args.method, seed, jobs, start,
+                                                                    f"-j{jobs}"), range(args.runs)))
         wall = time.perf_counter() - start
         images = sum(e["train_seconds"] * e["train_img_per_s"] for e in entries)
         per_hour = args.runs * 3600 / wall

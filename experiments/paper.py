@@ -109,7 +109,7 @@ class Runner:
 
     def __init__(self, params: Path, work: Path, extra: list[str], jobs: int, key: str = ""):
         """`key` (e.g. the grid's text) joins the params file and `extra` in naming the work folder."""
-        self.params, self.jobs = params, jobs
+        self.params = params
         digest = hashlib.sha256("\n".join([params.read_text(), key, *extra]).encode()).hexdigest()[:10]
         self.root = work / digest
         self.extra = extra
@@ -156,8 +156,10 @@ class Runner:
     def run_dir(self, cell: Cell, method: str, seed: int, tag: str = "") -> Path:
         return self.root / cell.regime / cell.criterion / cell.student / f"{method}-s{seed}{tag}"
 
-    def student_run(self, cell: Cell, folders: dict, method: str, seed: int, tag: str = "") -> dict:
-        """Train one student and fit its probe; the raw metrics of the run (kept in its folder once complete)."""
+    def student_run(self, cell: Cell, folders: dict, method: str, seed: int, jobs: int, since: float,
+                    tag: str = "") -> dict:
+        """Train one student and fit its probe, up to `jobs` runs sharing the device; the raw metrics of the run
+        (kept in its folder once complete), its start counted in seconds from `since` (perf_counter)."""
         run = self.run_dir(cell, method, seed, tag)
         if (run / "run.json").is_file():
             return read_json(run / "run.json")
@@ -181,7 +183,8 @@ class Runner:
                  "probe_fit_seconds": probe["fit_seconds"],
                  "student_stage_seconds": round(student_seconds, 1), "probe_stage_seconds": round(probe_seconds, 1),
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
-                 "wall_seconds": round(time.perf_counter() - start, 1), "jobs": self.jobs,
+                 "started_s": round(start - since, 1), "wall_seconds": round(time.perf_counter() - start, 1),
+                 "jobs": jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
                  "code_version": read_json(student / "manifest.json")["code_version"]}
         write_json(run / "run.json", entry)
@@ -238,6 +241,11 @@ def run(args) -> int:
             for seed in grid["seeds"] for method in cell.methods
             if f"{method}-s{seed}" not in _read_runs(args.results / f"{cell.name}.json")]
     print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
+    caps = grid.get("max_jobs", {})
+
+    def jobs(cell: Cell) -> int:  # runs at once while a run of `cell` starts: the regime's cap (memory) or --jobs
+        return min(args.jobs, caps.get(cell.regime, args.jobs))
+
     start, longest, prepared, running = time.perf_counter(), 0.0, {}, {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool, ThreadPoolExecutor(max_workers=1) as preparer:
 
@@ -247,7 +255,7 @@ def run(args) -> int:
             return prepared[cell.name]
 
         while todo or running:
-            while todo and len(running) < args.jobs:
+            while todo and len(running) < jobs(todo[0][0]):
                 if time.perf_counter() - start + longest > args.budget_s:
                     print(f"budget: not starting {len(todo)} more runs", flush=True)
                     todo = []
@@ -262,7 +270,7 @@ def run(args) -> int:
                 if running and not folders.done():
                     break  # until a run ends or the folders are ready
                 todo.pop(0)
-                future = pool.submit(runner.student_run, cell, folders.result(), method, seed)
+                future = pool.submit(runner.student_run, cell, folders.result(), method, seed, jobs(cell), start)
                 running[future] = (cell, f"{method}-s{seed}")
             if not running:
                 break

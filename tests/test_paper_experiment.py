@@ -93,15 +93,18 @@ def test_nothing_is_redone_and_a_spent_budget_starts_nothing(grid):
     assert json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
-def test_the_next_cell_is_prepared_while_runs_go(grid, tmp_path):
+def test_the_next_cell_is_prepared_while_runs_go_and_a_regime_caps_its_runs_at_once(grid, tmp_path):
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
         "params": str(grid / "params.yaml"), "seeds": [2], "regimes": {"small": []}, "students": ["resnet9"],
-        "methods": ["ours"], "ablation": {"method": "ours", "criteria": ["S"]}}))
-    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"), "--jobs", "1")
+        "methods": ["ours"], "ablation": {"method": "ours", "criteria": ["S"]}, "max_jobs": {"small": 1}}))
+    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"), "--jobs", "2")
     assert "2 runs to do" in out
     # S's scores and cache are started as Q's run starts (the teacher is shared), not once its slot is free
     assert out.index("small-resnet9-S: preparing") < out.index("small-resnet9-Q ours-s2:")
-    assert set(json.loads((tmp_path / "results/small-resnet9-S.json").read_text())["runs"]) == {"ours-s2"}
+    q, s = (json.loads((tmp_path / f"results/small-resnet9-{c}.json").read_text())["runs"]["ours-s2"]
+            for c in "QS")
+    assert q["jobs"] == s["jobs"] == 1  # the regime's cap, not --jobs
+    assert s["started_s"] >= q["started_s"] + q["wall_seconds"] - 0.2  # one after the other
 
 
 def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
