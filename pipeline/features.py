@@ -30,7 +30,8 @@ def stream_layers(model: nn.Module, data: DeviceData, ids: torch.Tensor, batch_s
     """Yield (layer, features of the samples `ids`) for every generalized layer, in depth order.
 
     Chain models run once: the activations of one layer are advanced to the next and the previous freed, so peak
-    memory is about two layers' activations. timm models run a forward pass per layer.
+    memory is about two layers' activations. timm models run a forward pass per layer. No bf16 autocast: the
+    layer scores are measured on float32 features, as the reference's.
     """
     model.eval()
     view = layer_view(model)
@@ -38,13 +39,11 @@ def stream_layers(model: nn.Module, data: DeviceData, ids: torch.Tensor, batch_s
     chunks = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
     if not isinstance(view, LayerChain):
         for k in range(len(view)):
-            with autocast(data.device):
-                yield k, torch.cat([view.collect(data.normalise(data.images[c]), [k])[0] for c in chunks])
+            yield k, torch.cat([view.collect(data.normalise(data.images[c]), [k])[0] for c in chunks])
         return
     acts = [data.normalise(data.images[c]) for c in chunks]
     for k in range(len(view)):
-        with autocast(data.device):
-            acts = [view.advance(a, k - 1 if k else None, k) for a in acts]
+        acts = [view.advance(a, k - 1 if k else None, k) for a in acts]
         yield k, torch.cat(acts)
 
 

@@ -105,7 +105,11 @@ def global_rank(feats_a: torch.Tensor, gram: torch.Tensor, mode: str) -> int:
     n, d = feats_a.shape
     if mode == "reference":
         return min(n, d)  # the code counts the entries of the uncentred spectrum, so r = min(n, D), AS CODED
-    # corrected: numerical rank of the centred matrix, from its centred Gram
+    # corrected: numerical rank of the centred matrix, from its centred Gram in float64: a float32 Gram resolves
+    # singular values only down to ~2 % of the largest (its rounding is ~eps * n of the largest eigenvalue)
+    if gram.dtype != torch.float64:
+        feats_a = feats_a.double()
+        gram = feats_a @ feats_a.T
     centred = gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
     eig = torch.linalg.eigvalsh(centred)
     tol = eig.max() * max(n, d) * torch.finfo(eig.dtype).eps

@@ -112,6 +112,18 @@ def test_float32_close_to_float64():
         assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-3)
 
 
+def test_corrected_rank_in_float32_counts_small_singular_values():
+    # a float32 Gram resolves singular values only to ~2 % of the largest: the rank came out 194 of 512 once
+    rng = np.random.default_rng(5)
+    basis = np.linalg.qr(rng.normal(size=(96, 96)))[0]
+    fa = (rng.normal(size=(300, 96)) * np.logspace(0, -3, 96)) @ basis
+    ya = np.arange(300) % 3
+    want = np.linalg.matrix_rank(fa - fa.mean(0))
+    t = torch.from_numpy
+    got = layer_quality(t(fa).float(), t(ya), t(fa).float(), t(ya), 5000, "corrected", dtype=torch.float32)
+    assert want == 96 and got.r == want
+
+
 def _table(values, criterion="Q"):
     return [{"layer": i, criterion: v} for i, v in enumerate(values)]
 
