@@ -6,6 +6,7 @@ Each reader returns a `RawData`: uint8 images in NHWC and int64 labels for a tra
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import struct
 import tarfile
@@ -54,7 +55,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: idx header is truncated")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
+    if body.size != math.prod(dims):  # np.prod wraps around on huge headers
         raise InputError(f"{path} holds {body.size} values, its header says {dims}")
     return body.reshape(dims).copy()  # frombuffer arrays are read-only
 
@@ -112,8 +113,8 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise InputError(f"corrupt CIFAR pickle {path}: {err}") from None
+    except Exception as err:  # a corrupt pickle raises almost anything (OverflowError, MemoryError, ImportError...)
+        raise InputError(f"corrupt CIFAR pickle {path}: {type(err).__name__}: {err}") from None
 
 
 def _cifar_split(folder: Path, files: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -139,13 +140,20 @@ def read_cifar(root: str | Path, name: str) -> RawData:
     folder = root if (root / meta_file).is_file() else root / folder_name
     if not folder.is_dir():
         raise InputError(f"{name} folder not found: {folder}")
-    classes = [c.decode() for c in _unpickle(folder / meta_file)[names_key]]
+    meta = _unpickle(folder / meta_file)
+    if not isinstance(meta, dict) or not isinstance(meta.get(names_key), list):
+        raise InputError(f"{folder / meta_file} is not a CIFAR meta file (needs key {names_key.decode()})")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[names_key]]
     return RawData(*_cifar_split(folder, train_files, label_key), *_cifar_split(folder, test_files, label_key),
                    classes=classes)
 
 
 def _extract(archive: Path) -> Path:
-    target = archive.parent / (archive.name.split(".tar")[0].split(".tgz")[0] + "_extracted")
+    """The archive extracted beside it, in a folder named by its digest: a replaced archive is extracted anew."""
+    from pipeline.io import file_digest
+
+    stem = archive.name.split(".tar")[0].split(".tgz")[0]
+    target = archive.parent / f"{stem}_extracted_{file_digest(archive)[:12]}"
     if not target.is_dir():  # extract beside, rename when complete: a failed run leaves no partial folder
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=archive.parent))
         try:
@@ -183,45 +191,53 @@ def _class_dirs(root: Path) -> list[Path]:
     return dirs
 
 
-def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _read_image(path: Path, size: int, channels: int, resize_mode: str) -> np.ndarray:
+    from PIL import Image
+
+    from pipeline.prepare import fit_size
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
+            if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert() would clip it to white)
+                img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+            elif img.mode in ("I", "F"):
+                raise InputError(f"image {path}: {img.mode} pixels (32-bit) have no 8-bit scale; convert it first")
+            array = np.array(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's ways to fail on a file
         raise InputError(f"unreadable image {path}: {err}") from None
-    return array.reshape(size, size, channels)
+    try:
+        return fit_size(array.reshape(1, *array.shape[:2], channels), size, resize_mode)[0]
+    except InputError as err:
+        raise InputError(f"image {path}: {err}") from None
 
 
-def _read_class_folders(root: Path, classes: list[str], size: int, channels: int):
+def _read_class_folders(root: Path, classes: list[str], size: int, channels: int, resize_mode: str):
     images, labels = [], []
     for label, name in enumerate(classes):
         folder = root / name
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
             raise InputError(f"class folder {folder} has no images")
-        images += [_read_image(p, size, channels) for p in files]
+        images += [_read_image(p, size, channels, resize_mode) for p in files]
         labels += [label] * len(files)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def read_image_folder(root: str | Path, size: int, channels: int, test_fraction: float, seed: int) -> RawData:
-    """`root/train/<class>/*` and `root/test/<class>/*`, or `root/<class>/*` split by a seeded stratified split."""
+def read_image_folder(root: str | Path, size: int, channels: int, test_fraction: float, seed: int,
+                      resize_mode: str = "resize") -> RawData:
+    """`root/train/<class>/*` and `root/test/<class>/*`, or `root/<class>/*` split by a seeded stratified split;
+    each image padded or resized to size x size (`resize_mode`)."""
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
         classes = [d.name for d in _class_dirs(root / "train")]
         test_classes = [d.name for d in _class_dirs(root / "test")]
         if test_classes != classes:
             raise InputError(f"{root}: train classes {classes} differ from test classes {test_classes}")
-        train = _read_class_folders(root / "train", classes, size, channels)
-        test = _read_class_folders(root / "test", classes, size, channels)
+        train = _read_class_folders(root / "train", classes, size, channels, resize_mode)
+        test = _read_class_folders(root / "test", classes, size, channels, resize_mode)
         return RawData(*train, *test, classes=classes)
     classes = [d.name for d in _class_dirs(root)]
-    images, labels = _read_class_folders(root, classes, size, channels)
+    images, labels = _read_class_folders(root, classes, size, channels, resize_mode)
     test_mask = stratified_mask(labels, test_fraction, seed)
     return RawData(images[~test_mask], labels[~test_mask], images[test_mask], labels[test_mask], classes)
 
@@ -240,7 +256,7 @@ def stratified_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 
 
 def read_source(source: str, root: str | None, cache_dir: str, image_size: int, channels: int | None,
-                test_fraction: float, seed: int) -> RawData:
+                test_fraction: float, seed: int, resize_mode: str = "resize") -> RawData:
     """Read any supported source; `root` is a local copy, None means the system package or a download."""
     if source == "fashion-mnist":
         return read_fashion_mnist(locate_fashion_mnist(root, cache_dir))
@@ -249,5 +265,5 @@ def read_source(source: str, root: str | None, cache_dir: str, image_size: int, 
     if source == "imagefolder":
         if root is None:
             raise InputError("prepare.root must name the image folder when source is imagefolder")
-        return read_image_folder(root, image_size, channels or 3, test_fraction, seed)
+        return read_image_folder(root, image_size, channels or 3, test_fraction, seed, resize_mode)
     raise InputError(f"unknown source {source!r}")

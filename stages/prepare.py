@@ -23,7 +23,8 @@ def prepare(
     from pipeline.prepare import save_prepared, transform
     from pipeline.sources import read_source
 
-    raw = read_source(p.source, p.root, p.cache_dir, p.image_size, p.channels, p.test_fraction, cfg.seed)
+    raw = read_source(p.source, p.root, p.cache_dir, p.image_size, p.channels, p.test_fraction, cfg.seed,
+                      p.resize_mode)
     data = transform(raw, p.image_size, p.resize_mode, p.channels, p.train_subset, p.test_subset, cfg.seed)
     meta, files = save_prepared(data, out)
     write_manifest(out, "prepare", {"seed": cfg.seed, **p.model_dump()}, inputs={"source": p.source}, files=files)

@@ -168,6 +168,13 @@ def test_truncated_idx_header(tmp_path):
         read_idx(path)
 
 
+def test_idx_header_too_big_to_multiply_is_refused(tmp_path):
+    path = tmp_path / "huge-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 4194304, 4194304, 4194304))  # 2**66 wraps to 0
+    with pytest.raises(InputError, match="holds 0 values, its header says"):
+        read_idx(path)
+
+
 def test_corrupt_gzip_body(tmp_path):
     packed = bytearray(gzip.compress(idx_bytes(np.arange(3000) % 256)))
     for i in range(12, 40):
@@ -304,6 +311,35 @@ def test_cifar_corrupt_pickle_is_named(tmp_path):
         read_cifar(tmp_path, "cifar10")
 
 
+def test_cifar_pickle_corrupt_in_its_frame_length_is_named(tmp_path):
+    folder, *_ = write_cifar10(tmp_path)
+    path = folder / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}, f, protocol=4)
+    data = bytearray(path.read_bytes())
+    data[3:11] = b"\xff" * 8  # protocol 4's FRAME length: OverflowError or MemoryError, not an UnpicklingError
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="corrupt CIFAR pickle .*data_batch_1"):
+        read_cifar(tmp_path, "cifar10")
+
+
+@pytest.mark.parametrize("meta", [[1, 2], {b"names": []}])
+def test_cifar_meta_without_class_names_is_named(tmp_path, meta):
+    folder, *_ = write_cifar10(tmp_path)
+    dump(folder / "batches.meta", meta)
+    with pytest.raises(InputError, match="batches.meta is not a CIFAR meta file"):
+        read_cifar(tmp_path, "cifar10")
+
+
+def test_a_replaced_cifar_archive_is_extracted_anew(tmp_path):
+    write_cifar10(tmp_path / "a", seed=0)
+    write_cifar10(tmp_path / "b", seed=1)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    first = read_cifar(make_archive(tmp_path / "a", "cifar-10-batches-py", archive), "cifar10")
+    second = read_cifar(make_archive(tmp_path / "b", "cifar-10-batches-py", archive), "cifar10")
+    assert not np.array_equal(first.train_images, second.train_images)
+
+
 def test_cifar_missing_file(tmp_path):
     folder, *_ = write_cifar10(tmp_path)
     (folder / "test_batch").unlink()
@@ -416,6 +452,28 @@ def test_image_folder_grey_and_resize(tmp_path):
         np.testing.assert_array_equal(rgb.train_images[0, ..., c], grey["cat"])
 
 
+def test_image_folder_pads_in_pad_mode_and_refuses_larger_images(tmp_path):
+    for split in ("train", "test"):
+        for name in CLASSES:
+            write_png(tmp_path / split / name / "a.png", np.full((20, 20, 3), 200, np.uint8))
+    raw = read_image_folder(tmp_path, 32, 3, 0.2, seed=0, resize_mode="pad")
+    image = raw.train_images[0]
+    assert (image[6:26, 6:26] == 200).all() and image.sum() == 200 * 20 * 20 * 3  # centred, zero border
+    write_png(tmp_path / "train" / "dog" / "big.png", np.zeros((40, 20, 3), np.uint8))
+    with pytest.raises(InputError, match=r"big.png: cannot pad 40x20 images to 32x32"):
+        read_image_folder(tmp_path, 32, 3, 0.2, seed=0, resize_mode="pad")
+
+
+def test_image_folder_16_bit_grey_keeps_its_top_8_bits(tmp_path):
+    deep = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)  # 0..65472
+    for split in ("train", "test"):
+        for name in CLASSES:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(deep).save(tmp_path / split / name / "a.png")
+    raw = read_image_folder(tmp_path, 32, 1, 0.2, seed=0)
+    np.testing.assert_array_equal(raw.train_images[0, ..., 0], (deep >> 8).astype(np.uint8))
+
+
 def write_flat(root, per_class=5):
     tag = 1
     for name in CLASSES:
@@ -463,6 +521,13 @@ def test_image_folder_unreadable_image_is_named(tmp_path):
     write_split_folders(tmp_path)
     (tmp_path / "train" / "frog" / "broken.png").write_bytes(b"\x89PNG garbage, not an image")
     with pytest.raises(InputError, match=r"unreadable image .*frog/broken\.png"):
+        read_image_folder(tmp_path, 32, 3, 0.2, seed=0)
+
+
+def test_image_folder_image_with_a_bad_header_is_named(tmp_path):
+    write_split_folders(tmp_path)
+    (tmp_path / "train" / "dog" / "bad.ppm").write_bytes(b"P6\n20 20\n2x5\n")  # PIL: ValueError
+    with pytest.raises(InputError, match="unreadable image .*bad.ppm"):
         read_image_folder(tmp_path, 32, 3, 0.2, seed=0)
 
 
