@@ -42,9 +42,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec, dict]:
         raise InputError(f"{path} is not a model checkpoint of this pipeline")
     try:
         spec = ModelSpec(**{**ckpt["spec"], "pretrained": False})
-    except (KeyError, TypeError) as err:
+        model = build_model(spec)
+    except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path}: malformed model description ({type(err).__name__}: {err})") from None
-    model = build_model(spec)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, RuntimeError) as err:

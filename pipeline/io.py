@@ -48,6 +48,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = ()) -> None:
+    """Refuse, before any work, outputs that cannot be written: a file path that is a folder, a folder path that is
+    a file, or a path below a file (else one output of a stage could replace its old self before another failed)."""
+    for path, is_folder in [*((Path(f), False) for f in files), *((Path(d), True) for d in folders)]:
+        if path.exists() and path.is_dir() != is_folder:
+            raise InputError(f"output {path} is a {'file' if is_folder else 'folder'}")
+        nearest = next((p for p in path.parents if p.exists()), None)
+        if nearest is not None and not nearest.is_dir():
+            raise InputError(f"output {path}: {nearest} is a file")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

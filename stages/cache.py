@@ -24,10 +24,12 @@ def cache(
     p = cfg.cache
     from pipeline.cache import DTYPE, write_cache
     from pipeline.data import load_prepared
-    from pipeline.io import write_manifest
+    from pipeline.io import check_outputs, write_manifest
     from pipeline.selection import load_selection
     from pipeline.teacher import load_teacher
     from pipeline.train import pick_device, prepare_model
+
+    check_outputs(folders=(out,))
 
     prepared = load_prepared(data)
     model, spec, teacher_id = load_teacher(teacher_dir, prepared)

@@ -26,8 +26,10 @@ def evaluate(
     from pipeline.data import load_prepared
     from pipeline.evaluation import (aggregate, confusion_rows, evaluate_pipeline, headline_metrics,
                                      markdown_summary, per_class_rows)
-    from pipeline.io import atomic_path, write_csv, write_json
+    from pipeline.io import atomic_path, check_outputs, write_csv, write_json
     from pipeline.train import pick_device
+
+    check_outputs(metrics, report, folders=(plots,))
 
     prepared = load_prepared(data)
     device = pick_device(cfg.evaluate.device)

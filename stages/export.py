@@ -24,7 +24,9 @@ def export(
     p = cfg.export
     from pipeline.data import load_prepared
     from pipeline.export import export_student
-    from pipeline.io import file_digest, write_json, write_manifest
+    from pipeline.io import check_outputs, file_digest, write_json, write_manifest
+
+    check_outputs(out, metrics)
 
     prepared = load_prepared(data)
     run = p.run or f"{cfg.methods[0]}-s{cfg.seeds[0]}"

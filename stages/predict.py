@@ -24,10 +24,12 @@ def predict(
 ) -> None:
     """Predict classes with onnxruntime; unreadable or wrong-sized images are named and skipped (exit code 3)."""
     from pipeline.errors import InputError
-    from pipeline.io import atomic_path
+    from pipeline.io import atomic_path, check_outputs
     from pipeline.predict import gather_inputs, model_info, pick_providers
     from pipeline.predict import predict as run_predict
 
+    if out is not None:
+        check_outputs(out)
     if provider not in ("auto", "cuda", "cpu"):
         raise InputError(f"provider must be auto, cuda or cpu, not {provider!r}")
     if not model.is_file():

@@ -19,9 +19,11 @@ def prepare(
     """Prepare the dataset (params section `prepare`): arrays of uint8 NHWC images and int64 labels."""
     cfg = load(params, overrides)
     p = cfg.prepare
-    from pipeline.io import write_manifest
+    from pipeline.io import check_outputs, write_manifest
     from pipeline.prepare import save_prepared, transform
     from pipeline.sources import read_source
+
+    check_outputs(folders=(out,))
 
     raw = read_source(p.source, p.root, p.cache_dir, p.image_size, p.channels, p.test_fraction, cfg.seed,
                       p.resize_mode)

@@ -24,10 +24,12 @@ def probe(
     p = cfg.probe
     from pipeline.checkpoint import save_torch
     from pipeline.data import load_prepared
-    from pipeline.io import file_digest, write_json, write_manifest
+    from pipeline.io import check_outputs, file_digest, write_json, write_manifest
     from pipeline.probe import probe_student
     from pipeline.student import load_student_dir
     from pipeline.train import pick_device
+
+    check_outputs(metrics, folders=(out,))
 
     prepared = load_prepared(data)
     distiller, _, student_id = load_student_dir(student_dir, prepared)

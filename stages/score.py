@@ -27,12 +27,14 @@ def score(
     import torch
 
     from pipeline.data import load_prepared
-    from pipeline.io import file_digest, write_csv, write_json, write_manifest
+    from pipeline.io import check_outputs, file_digest, write_csv, write_json, write_manifest
     from pipeline.layers import layer_view
     from pipeline.scoring import score_layers
     from pipeline.selection import check_choice, choose_layers
     from pipeline.teacher import load_teacher
     from pipeline.train import pick_device, prepare_model
+
+    check_outputs(folders=(out,))
 
     prepared = load_prepared(data)
     model, spec, teacher_id = load_teacher(teacher_dir, prepared)

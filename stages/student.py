@@ -30,10 +30,12 @@ def student(
     from pipeline.cache import load_cache
     from pipeline.data import load_prepared
     from pipeline.distill import METHODS
-    from pipeline.io import file_digest, hash_obj, write_json, write_manifest
+    from pipeline.io import check_outputs, file_digest, hash_obj, write_json, write_manifest
     from pipeline.selection import load_selection
     from pipeline.student import needs_teacher, resolve_layers, save_student, train_student
     from pipeline.teacher import load_teacher
+
+    check_outputs(metrics, folders=(out, live_dir, resume_dir))
 
     distributed.init_from_env()
     prepared = load_prepared(data)

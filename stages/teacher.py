@@ -26,8 +26,10 @@ def teacher(
     from pipeline import distributed
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
-    from pipeline.io import file_digest, hash_obj, write_json, write_manifest
+    from pipeline.io import check_outputs, file_digest, hash_obj, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher
+
+    check_outputs(metrics, folders=(out, live_dir, resume_dir))
 
     distributed.init_from_env()
     prepared = load_prepared(data)

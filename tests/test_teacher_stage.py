@@ -79,7 +79,24 @@ def test_bad_checkpoints_exit_2_and_keep_outputs(workdir):
 
     result = run_teacher("-S", "teacher.checkpoint=missing.pt")
     assert result.exit_code == 2 and "missing checkpoint: missing.pt" in result.output
+
+    spec = {**ModelSpec("resnet9", 3, 1, 8, 0.0625).to_dict(), "num_classes": "ten"}
+    torch.save({"format": "kd-model/1", "spec": spec, "state_dict": {}}, workdir / "typo.pt")
+    result = run_teacher("-S", "teacher.checkpoint=typo.pt")
+    assert result.exit_code == 2 and "typo.pt: malformed model description" in result.output
     assert (workdir / "teacher/model.pt").read_bytes() == before
+
+
+def test_an_unwritable_output_is_refused_before_training_and_keeps_the_earlier_ones(workdir):
+    assert run_teacher().exit_code == 0
+    before = (workdir / "teacher/model.pt").read_bytes()
+    (workdir / "metrics_folder").mkdir()
+    result = run_teacher("-S", "seed=1", "--metrics", "metrics_folder")
+    assert result.exit_code == 2 and "output metrics_folder is a folder" in result.output
+    assert "epoch" not in result.output  # refused before training
+    assert (workdir / "teacher/model.pt").read_bytes() == before
+    result = run_teacher("--out", "m.json/teacher")  # below a file
+    assert result.exit_code == 2 and "output m.json/teacher: m.json is a file" in result.output
 
 
 def test_modified_data_is_refused(workdir):
