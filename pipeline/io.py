@@ -27,27 +27,6 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise InputError(f"cannot make the folder of output {path}: a file is in the way") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = ()) -> None:
     """Refuse, before any work, outputs that cannot be written: a file path that is a folder, a folder path that is
     a file, or a path below a file (else one output of a stage could replace its old self before another failed)."""
@@ -57,6 +36,23 @@ def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = ()) -> N
         nearest = next((p for p in path.parents if p.exists()), None)
         if nearest is not None and not nearest.is_dir():
             raise InputError(f"output {path}: {nearest} is a file")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    check_outputs(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
