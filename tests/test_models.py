@@ -81,6 +81,25 @@ def test_width_multiplier_scales_channels():
     assert [s[0] for s in shapes] == [8] * 4 + [16] * 4 + [32] * 6 + [64] * 4
 
 
+def test_students_start_as_the_reference_initialises_them():
+    torch.manual_seed(0)
+    mnv2 = build_model(ModelSpec("mobilenetv2", 100))
+    head = mnv2[-1]
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.05) and not head.bias.any()
+    vit = build_model(ModelSpec("vit_ett", 100, in_chans=3, image_size=32))
+    patch, block = vit[0].proj, vit[1]
+    assert patch.weight.std().item() == pytest.approx((1 / (3 * 4 * 4)) ** 0.5, rel=0.05) and not patch.bias.any()
+    bound = (6 / (192 + 3 * 192)) ** 0.5  # xavier_uniform over the whole (3 dim, dim) in-projection
+    assert block.qkv.weight.abs().max().item() == pytest.approx(bound, rel=0.01) and not block.qkv.bias.any()
+    assert not block.proj.bias.any()
+    assert 0 < block.mlp[0].bias.std().item() < 1e-5 and 0 < block.mlp[2].bias.std().item() < 1e-5
+
+
+def test_vit_needs_an_image_size_divisible_by_8():
+    with pytest.raises(InputError, match="vit_ett needs an image size divisible by 8"):
+        build_model(ModelSpec("vit_ett", 10, in_chans=1, image_size=28))
+
+
 def test_unknown_arch_and_pretrained_paper_model_fail_clearly():
     with pytest.raises(InputError, match="unknown arch 'resnet18'"):
         build_model(ModelSpec("resnet18", 10))

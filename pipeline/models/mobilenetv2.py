@@ -45,7 +45,10 @@ def mobilenetv2(num_classes: int, in_chans: int, image_size: int, width: float) 
     last = divisible(1280 * width)
     layers += conv_bn_relu6(cin, last, 1, 1)
     model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, num_classes))
-    for m in model.modules():
+    for m in model.modules():  # the reference's initialisation
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
     return model

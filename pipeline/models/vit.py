@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.errors import InputError
 
 SIZES = {"vit_ett": (8, 6, 192, 576), "vit_b": (12, 12, 768, 3072)}  # layers, heads, dim, mlp
 
@@ -17,6 +21,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, image_size: int, patch: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, patch, patch)
+        nn.init.trunc_normal_(self.proj.weight, std=math.sqrt(1 / (in_chans * patch * patch)))
+        nn.init.zeros_(self.proj.bias)
         tokens = (image_size // patch) ** 2 + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
@@ -37,6 +43,13 @@ class EncoderBlock(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+        # as the reference's torch modules start: attention's in/out projections, then torchvision's MLP block
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.proj.bias)
+        for linear in (self.mlp[0], self.mlp[2]):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.normal_(linear.bias, std=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -52,6 +65,8 @@ class TokenMean(nn.Module):
 
 
 def vit(name: str, num_classes: int, in_chans: int, image_size: int, width: float) -> nn.Sequential:
+    if image_size % 8:
+        raise InputError(f"{name} needs an image size divisible by 8 (8x8 patches), not {image_size}")
     depth, heads, dim, mlp = SIZES[name]
     dim = max(heads, round(dim * width / heads) * heads)
     mlp = max(1, round(mlp * width))
