@@ -4,7 +4,8 @@
 #   bench        ~5 min: step ratios per compile mode, score/cache, digest
 #   compile      ~1 min: the step ratios and warm-up under COMPILE (default cudagraphs) alone
 #   pipeline     ~7 min: the GPU profile end to end, `ours` only (PIPELINE_SETS: extra -S overrides)
-#   experiment   the next chunk of experiments/paper.py in what is left (or BUDGET_S), results to $OUT
+#   experiment   the next chunk of experiments/paper.py in what is left (or BUDGET_S), results to $OUT;
+#                JOBS runs at once (default 4), CELLS: only these cells, in grid order (default: all)
 #   concurrency  ~5 min: 8 short student runs one at a time vs 4 and 8 at once
 # e.g. SESSION_S=560 bash bench/device_check.sh pipeline experiment
 # Here first: pydantic's wheels in .whl/ (see docs/BENCHMARKS.md) and Fashion-MNIST's .gz files in .fmnist/,
@@ -53,7 +54,7 @@ pipeline() {
 
 experiment() {
   bounded python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" \
-    --budget-s "${BUDGET_S:-$((deadline - SECONDS - 60))}" --drop-caches -S prepare.root="$fmnist"
+    --budget-s "${BUDGET_S:-$((deadline - SECONDS - 60))}" --drop-caches -S prepare.root="$fmnist" ${CELLS:+--cells $CELLS}
   tar czf "$OUT/results.tgz" experiments/results  # what finished comes back even after a failure (one file)
   python3 experiments/paper.py table
 }

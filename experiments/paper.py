@@ -231,6 +231,9 @@ def run(args) -> int:
     grid, cells = load_grid(args.grid)
     runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs, args.grid.read_text())
     info = {"params": grid["params"], "extra_overrides": args.set or []}
+    unknown = sorted(set(args.cells or ()) - {cell.name for cell in cells})
+    if unknown:
+        return _bad_input(f"unknown cells {unknown}: `paper.py plan` lists them")
     for cell in cells:
         mixed = _other_variant(args.results / f"{cell.name}.json", info)
         if mixed:

@@ -133,9 +133,12 @@ class Distiller(nn.Module):
         """Logits for `x`; with labels (training, also through DistributedDataParallel) `losses(...)` instead."""
         if y is not None:
             return self.losses(x, y, teacher_feats, teacher_logits)
-        if self.tail is None:
-            return self.student(x)
-        return self._simkd_logits(self.view.collect(x, [self.student_layers[-1]])[0])
+        return self.student(x) if self.tail is None else self.features_and_logits(x)[1]
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deepest distilled layer's output and the logits, from one forward pass."""
+        z = self.view.collect(x, [self.student_layers[-1]])[0]
+        return z, self._simkd_logits(z) if self.tail is not None else self.view.head(z, self.student_layers[-1])
 
     def _simkd_logits(self, last: torch.Tensor) -> torch.Tensor:
         z = self._project(len(self.pairs) - 1, canonical(last))

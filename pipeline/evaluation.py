@@ -106,8 +106,7 @@ def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str], device:
         if run_dir.name != f"student-{method}-s{seed}":  # a copied or renamed run would be reported as another
             raise InputError(f"{run_dir} holds the student of method {method}, seed {seed}")
         distiller, _, _ = load_student_dir(run_dir, data)
-        distiller = prepare_model(distiller, device)
-        logits = predict_logits(distiller, test, batch_size)
+        feats, logits = pooled_features(prepare_model(distiller, device), test, batch_size)
         report = classification_report(logits, test.labels, data.num_classes)
         name = run_dir.name.removeprefix("student-")
         predictions[name] = logits.argmax(1).cpu()
@@ -117,7 +116,6 @@ def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str], device:
         probe_dir = Path(runs_dir) / f"probe-{name}"
         if (probe_dir / "probe.pt").is_file():
             probe = load_probe(probe_dir, manifest)
-            feats = pooled_features(distiller, test, batch_size)
             run["probe_top1"] = classification_report(probe.logits(feats.cpu()), test.labels.cpu(),
                                                       data.num_classes)["top1"]
         runs.append(run)

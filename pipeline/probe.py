@@ -28,14 +28,16 @@ def pool(f: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pooled_features(distiller: Distiller, data: DeviceData, batch_size: int) -> torch.Tensor:
+def pooled_features(distiller: Distiller, data: DeviceData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's inputs (the pooled deepest distilled layer) and the student's own logits, in one pass."""
     distiller.eval()
-    layer = distiller.student_layers[-1]
-    out = []
+    feats, logits = [], []
     for _, x, _ in data.batches(batch_size):
         with autocast(data.device):
-            out.append(pool(distiller.view.collect(x, [layer])[0]).float())
-    return torch.cat(out)
+            z, out = distiller.features_and_logits(x)
+        feats.append(pool(z).float())
+        logits.append(out.float())
+    return torch.cat(feats), torch.cat(logits)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
@@ -101,11 +103,11 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
     """Fit the probe on the training split; report its train/test accuracy beside the student's own head, and the
     seconds its L-BFGS fits took (`fit_seconds`: every penalty tried, then the refit)."""
     from pipeline.teacher import device_splits
-    from pipeline.train import evaluate, prepare_model
+    from pipeline.train import prepare_model
 
     distiller = prepare_model(distiller, device)
     train, test = device_splits(data, device)
-    train_x, test_x = pooled_features(distiller, train, batch_size), pooled_features(distiller, test, batch_size)
+    (train_x, _), (test_x, head_logits) = (pooled_features(distiller, split, batch_size) for split in (train, test))
     if not (torch.isfinite(train_x).all() and torch.isfinite(test_x).all()):
         raise InputError("the student's features are not finite (NaN or inf in its weights): retrain it")
     start = time.perf_counter()
@@ -113,7 +115,7 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
     fit_seconds = time.perf_counter() - start
     metrics = {"probe_test_acc": accuracy(probe.logits(test_x), test.labels),
                "probe_train_acc": accuracy(probe.logits(train_x), train.labels),
-               "head_test_acc": evaluate(distiller, test, batch_size)["test_acc"],
+               "head_test_acc": accuracy(head_logits, test.labels),
                "weight_decay": probe.weight_decay, "trials": trials,
                "layer": distiller.student_layers[-1], "feature_dims": train_x.shape[1], "fit_seconds": fit_seconds}
     return probe, metrics

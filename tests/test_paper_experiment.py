@@ -117,6 +117,14 @@ def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
     assert "0 runs to do" in where  # where the data lie is no variant
 
 
+def test_a_mistyped_cell_is_refused_not_skipped(grid):
+    cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(grid / "grid.yaml"), "--results",
+           str(grid / "results"), "run", "--work", str(grid / "work"), "--cells", "small-resnet9-Q", "small-resnet-S"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: unknown cells ['small-resnet-S']: `paper.py plan` lists them")
+
+
 def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
     runs = json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"]
     ours = [runs["ours-s0"]["test_acc"], runs["ours-s1"]["test_acc"]]
