@@ -58,6 +58,12 @@ class Cell:
     def overrides(self) -> list[str]:
         return [*self.regime_overrides, f"student.model.arch={self.student}", f"score.criterion={self.criterion}"]
 
+    def key(self, *sections: str) -> str:
+        """Names the overrides of these params sections: cells that agree on them share those stages' outputs (one
+        teacher serves every regime that changes only what the students see)."""
+        own = sorted(o for o in self.overrides if o.partition("=")[0].split(".")[0] in sections)
+        return hashlib.sha256("\n".join(own).encode()).hexdigest()[:8]
+
     def run_overrides(self, method: str, seed: int) -> list[str]:
         own = self.method_overrides.get(method, [])
         return merged(self.overrides, own, [f"seed={seed}", f"student.method={method}"])
@@ -134,22 +140,26 @@ class Runner:
     def cache_dir(self, cell: Cell) -> Path:
         return self.root / cell.regime / cell.criterion / "cache"  # both students' cells share it
 
+    def teacher_dir(self, cell: Cell) -> Path:
+        """Data, teacher and scores of every cell with the same prepare and teacher params."""
+        return self.root / f"teacher-{cell.key('prepare', 'teacher')}"
+
     def prepare_cell(self, cell: Cell) -> dict:
         """Data, teacher, scores and cache of `cell`; returns the folders and the cell's context for results."""
         print(f"{cell.name}: preparing data, teacher, scores and cache", flush=True)
-        regime = self.root / cell.regime
+        shared = self.teacher_dir(cell)
         sets = [*cell.overrides, methods_override(cell.methods)]  # the cache holds the layers of all its methods
-        data = self.kd("prepare", sets, regime / "data")
-        teacher = self.kd("teacher", sets, regime / "teacher", "--data", str(data),
-                          "--metrics", str(regime / "teacher.json"), "--live-dir", str(regime / "live-teacher"),
+        data = self.kd("prepare", sets, shared / "data")
+        teacher = self.kd("teacher", sets, shared / "teacher", "--data", str(data),
+                          "--metrics", str(shared / "teacher.json"), "--live-dir", str(shared / "live-teacher"),
                           "--resume-dir", str(self.root / "resume"))
-        scores = self.kd("score", sets, regime / cell.criterion / "scores", "--data", str(data),
+        scores = self.kd("score", sets, shared / f"scores-{cell.key('score')}", "--data", str(data),
                          "--teacher", str(teacher))
         cache = self.kd("cache", sets, self.cache_dir(cell), "--data", str(data), "--teacher",
                         str(teacher), "--scores", str(scores))
         with open(scores / "layers.csv") as f:
             layers = [{k: float(row[k]) for k in ("layer", "S", "I", "E", "Q", "sqrtIE")} for row in csv.DictReader(f)]
-        context = {"teacher": read_json(regime / "teacher.json"), "selection": read_json(scores / "selection.json"),
+        context = {"teacher": read_json(shared / "teacher.json"), "selection": read_json(scores / "selection.json"),
                    "layers": layers}
         return {"data": data, "teacher": teacher, "scores": scores, "cache": cache, "context": context}
 
@@ -265,10 +275,10 @@ def run(args) -> int:
                     break
                 cell, method, seed = todo[0]
                 folders = prepare(cell)
-                # the next cell's scores and cache are made while this one's runs go (same regime: its teacher
-                # exists; a new teacher is not started that the budget may leave unused)
+                # the next cell's scores and cache are made while this one's runs go (same teacher: it exists; a
+                # new teacher is not started that the budget may leave unused)
                 ahead = next((c for c, *_ in todo if c.name != cell.name), None)
-                if ahead is not None and ahead.regime == cell.regime:
+                if ahead is not None and runner.teacher_dir(ahead) == runner.teacher_dir(cell):
                     prepare(ahead)
                 if running and not folders.done():
                     break  # until a run ends or the folders are ready

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.io import load_npy, manifest_id, read_json, read_manifest, verify_files
+from pipeline.io import hash_obj, load_npy, manifest_id, read_json, read_manifest, verify_files
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Prepared:
     test_labels: np.ndarray
     meta: dict
     data_id: str  # identity of these arrays, recorded by consumers
+    seed: int = 0  # the prepare stage's
 
     @property
     def num_classes(self) -> int:
@@ -32,6 +33,17 @@ class Prepared:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["image_shape"])  # H, W, C
 
+    def train_subset(self, size: int | None) -> Prepared:
+        """A class-balanced `size` of the training split, drawn as `prepare.train_subset` draws it (same seed, so
+        the same images), with the same test split and normalisation; all of it when `size` is None or larger."""
+        if size is None or size >= len(self.train_labels):
+            return self
+        from pipeline.prepare import balanced_subset
+
+        keep = balanced_subset(self.train_labels, size, self.seed)
+        return replace(self, train_images=self.train_images[keep], train_labels=self.train_labels[keep],
+                       data_id=hash_obj({"data": self.data_id, "train_subset": size}))
+
 
 def load_prepared(data_dir: str | Path) -> Prepared:
     manifest = read_manifest(data_dir, "prepare")
@@ -39,7 +51,8 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     data_dir = Path(data_dir)
     arrays = {name: load_npy(data_dir / f"{name}.npy")
               for name in ("train_images", "train_labels", "test_images", "test_labels")}
-    return Prepared(**arrays, meta=read_json(data_dir / "meta.json"), data_id=manifest_id(manifest))
+    return Prepared(**arrays, meta=read_json(data_dir / "meta.json"), data_id=manifest_id(manifest),
+                    seed=manifest["params"].get("seed", 0))
 
 
 class DeviceData:

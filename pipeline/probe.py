@@ -117,7 +117,8 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
                "probe_train_acc": accuracy(probe.logits(train_x), train.labels),
                "head_test_acc": accuracy(head_logits, test.labels),
                "weight_decay": probe.weight_decay, "trials": trials,
-               "layer": distiller.student_layers[-1], "feature_dims": train_x.shape[1], "fit_seconds": fit_seconds}
+               "layer": distiller.student_layers[-1], "feature_dims": train_x.shape[1], "train_images": len(train_x),
+               "fit_seconds": fit_seconds}
     return probe, metrics
 
 

@@ -245,6 +245,13 @@ def load_student(path: str | Path) -> tuple[Distiller, ModelSpec, dict]:
     return distiller.eval(), spec, info
 
 
+def training_data(student_dir: str | Path, data: Prepared) -> Prepared:
+    """The training images the student of `student_dir` learned from: its `train_subset` of `data`."""
+    from pipeline.io import read_manifest
+
+    return data.train_subset(read_manifest(student_dir, "student")["params"].get("train_subset"))
+
+
 def load_student_dir(student_dir: str | Path, data: Prepared) -> tuple[Distiller, ModelSpec, str]:
     """The `student` stage's model, refused if its files changed or it was trained on other data; with its id."""
     from pipeline.io import manifest_id, read_verified

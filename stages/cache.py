@@ -19,7 +19,8 @@ def cache(
     scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selection.json)"),
     out: Path = typer.Option(Path("cache/teacher"), help="output folder: layer_<k>.npy and manifest.json"),
 ) -> None:
-    """Cache the teacher layers that the params' `methods` distil from, and the logits, for every training image."""
+    """Cache the teacher layers that the params' `methods` distil from, and the logits, for every training image
+    the students learn from (`student.train_subset`)."""
     cfg = load(params, overrides)
     p = cfg.cache
     from pipeline.cache import DTYPE, write_cache
@@ -39,6 +40,7 @@ def cache(
     layers = layers_to_cache(cfg.methods, cfg.student, cfg.student.model.arch, spec.arch, selected)
     device = pick_device(p.device)
     model = prepare_model(model, device)
+    prepared = prepared.train_subset(cfg.student.train_subset)
     with TaskProgress("cache", len(prepared.train_labels)) as progress:
         files, shapes, stats = write_cache(model, prepared, layers, device, p.batch_size, out, progress.advance)
     write_manifest(out, "cache", {"seed": cfg.seed, **p.model_dump()},

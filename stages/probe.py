@@ -26,15 +26,15 @@ def probe(
     from pipeline.data import load_prepared
     from pipeline.io import check_outputs, file_digest, write_json, write_manifest
     from pipeline.probe import probe_student
-    from pipeline.student import load_student_dir
+    from pipeline.student import load_student_dir, training_data
     from pipeline.train import pick_device
 
     check_outputs(metrics, folders=(out,))
 
     prepared = load_prepared(data)
     distiller, _, student_id = load_student_dir(student_dir, prepared)
-    fitted, summary = probe_student(distiller, prepared, pick_device(p.device), p.weight_decays, p.holdout,
-                                    cfg.seed, p.max_iter)
+    fitted, summary = probe_student(distiller, training_data(student_dir, prepared), pick_device(p.device),
+                                    p.weight_decays, p.holdout, cfg.seed, p.max_iter)
     save_torch(out / "probe.pt", {"format": "kd-probe/1", "weight": fitted.weight.cpu(), "bias": fitted.bias.cpu(),
                                   "mean": fitted.mean.cpu(), "std": fitted.std.cpu(),
                                   "weight_decay": fitted.weight_decay, "layer": summary["layer"]})

@@ -40,18 +40,19 @@ def student(
     distributed.init_from_env()
     prepared = load_prepared(data)
     teacher, teacher_spec, teacher_id = load_teacher(teacher_dir, prepared)
+    train_data = prepared.train_subset(p.train_subset)
     selected = None
     if METHODS[p.method].teacher_layers == "selected" and p.teacher_layers is None:
         selected = load_selection(scores, teacher_id)
     cache = None
     if needs_teacher(p.method) and not p.train.augment and p.teacher_features == "cache":  # else: made here
         _, teacher_layers = resolve_layers(p, p.model.arch, teacher_spec.arch, selected)
-        cache = load_cache(cache_dir, teacher_id, prepared.data_id, teacher_layers)
+        cache = load_cache(cache_dir, teacher_id, train_data.data_id, teacher_layers)
     section = {"seed": cfg.seed, **p.model_dump()}
     key = hash_obj({"params": section, "data": prepared.data_id, "teacher": teacher_id})
     resume = resume_dir / f"student-{key}.pt"
     with training_callbacks(f"student {p.method}", p.train.epochs, live_dir) as callbacks:
-        distiller, summary, history = train_student(prepared, p, cfg.seed, teacher, teacher_spec, selected,
+        distiller, summary, history = train_student(train_data, p, cfg.seed, teacher, teacher_spec, selected,
                                                     cache, resume, key, **callbacks)
     if not distributed.is_main():
         return
@@ -59,7 +60,7 @@ def student(
                  classes=prepared.meta["classes"], mean=prepared.meta["mean"], std=prepared.meta["std"])
     resume.unlink(missing_ok=True)
     summary = {"method": p.method, "teacher_layers": distiller.teacher_layers,
-               "student_layers": distiller.student_layers, **summary}
+               "student_layers": distiller.student_layers, "train_images": len(train_data.train_labels), **summary}
     write_json(metrics, summary)
     write_manifest(out, "student", section, inputs={"data": prepared.data_id, "teacher": teacher_id},
                    files={"model.pt": file_digest(out / "model.pt")}, extra={"history": history})

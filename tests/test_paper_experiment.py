@@ -50,7 +50,7 @@ def grid(tmp_path_factory):
     assert "2 runs to do" in second
     work = next((tmp / "work").iterdir())
     assert not (work / "small/S/cache").exists()  # its runs are done; Q's cache was not used by this chunk
-    assert (work / "small/Q/cache/manifest.json").is_file() and (work / "small/S/scores/manifest.json").is_file()
+    assert (work / "small/Q/cache/manifest.json").is_file() and len(list(work.glob("*/scores-*/manifest.json"))) == 2
     return tmp
 
 
@@ -93,16 +93,23 @@ def test_nothing_is_redone_and_a_spent_budget_starts_nothing(grid):
     assert json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
-def test_the_next_cell_is_prepared_while_runs_go_and_a_regime_caps_its_runs_at_once(grid, tmp_path):
+def test_regimes_share_a_teacher_the_next_cell_is_prepared_while_runs_go_and_a_regime_caps_runs(grid, tmp_path):
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
-        "params": str(grid / "params.yaml"), "seeds": [2], "regimes": {"small": []}, "students": ["resnet9"],
-        "methods": ["ours"], "ablation": {"method": "ours", "criteria": ["S"]}, "max_jobs": {"small": 1}}))
+        "params": str(grid / "params.yaml"), "seeds": [2], "students": ["resnet9"], "methods": ["ours"],
+        "regimes": {"small": [], "few": ["student.train_subset=150"]}, "ablation": {"method": "ours", "criteria": []},
+        "max_jobs": {"small": 1, "few": 1}}, sort_keys=False))
     out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"), "--jobs", "2")
     assert "2 runs to do" in out
-    # S's scores and cache are started as Q's run starts (the teacher is shared), not once its slot is free
-    assert out.index("small-resnet9-S: preparing") < out.index("small-resnet9-Q ours-s2:")
-    q, s = (json.loads((tmp_path / f"results/small-resnet9-{c}.json").read_text())["runs"]["ours-s2"]
-            for c in "QS")
+    # few's scores and cache are started as small's run starts (its teacher is small's), not once its slot is free
+    assert out.index("few-resnet9-Q: preparing") < out.index("small-resnet9-Q ours-s2:")
+    small, few = (json.loads((tmp_path / f"results/{r}-resnet9-Q.json").read_text()) for r in ("small", "few"))
+    assert small["teacher"] == few["teacher"] and small["selection"] == few["selection"]
+    work = next((tmp_path / "work").iterdir())
+    assert len(list(work.glob("*/teacher/manifest.json"))) == 1  # one teacher trained for both regimes
+    for results, images in ((small, 300), (few, 150)):
+        run = json.loads((work / f"{results['regime']}/Q/resnet9/ours-s2/student.json").read_text())
+        assert run["train_images"] == images
+    q, s = small["runs"]["ours-s2"], few["runs"]["ours-s2"]
     assert q["jobs"] == s["jobs"] == 1  # the regime's cap, not --jobs
     assert s["started_s"] >= q["started_s"] + q["wall_seconds"] - 0.2  # one after the other
 
@@ -150,9 +157,10 @@ def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
 def test_plan_and_queue_cover_the_whole_grid():
     grid, cells = paper.load_grid()
     assert len(cells) == len(grid["regimes"]) * len(grid["students"]) * (1 + len(grid["ablation"]["criteria"]))
-    assert sum(len(c.methods) for c in cells if c.criterion == "Q") == 4 * len(grid["methods"])
+    main_cells = len(grid["regimes"]) * len(grid["students"])
+    assert sum(len(c.methods) for c in cells if c.criterion == "Q") == main_cells * len(grid["methods"])
     commands = paper.queue_commands()
-    assert len(commands) == len(cells) + 4  # ce has its own learning rate: its own experiment per main cell
+    assert len(commands) == len(cells) + main_cells  # ce has its own learning rate: its own experiment per main cell
     assert commands[0].startswith("dvc exp run --queue -n labels10-resnet9-Q ")
     assert "-S 'prepare.train_subset=6000'" in commands[0] and "-S 'seeds=[0,1,2]'" in commands[0]
     assert "-S 'student.train.lr=0.05'" in commands[0]

@@ -157,6 +157,19 @@ def test_transform_subset_pad_channels():
     assert len(same.train_labels) == 40 and len(same.test_labels) == 20
 
 
+def test_a_students_train_subset_is_the_subset_prepare_would_keep():
+    from pipeline.data import Prepared
+
+    raw = raw_data(n_train=60)
+    whole = transform(raw, 32, "pad", None, None, None, seed=3)
+    data = Prepared(whole.train_images, whole.train_labels, whole.test_images, whole.test_labels, {}, "d", seed=3)
+    sub, kept = data.train_subset(20), transform(raw, 32, "pad", None, train_subset=20, test_subset=None, seed=3)
+    np.testing.assert_array_equal(sub.train_images, kept.train_images)
+    np.testing.assert_array_equal(sub.train_labels, kept.train_labels)
+    assert sub.test_images is data.test_images and sub.data_id not in ("d", data.train_subset(12).data_id)
+    assert data.train_subset(None) is data and data.train_subset(60) is data
+
+
 def test_transform_class_missing_from_a_split():
     raw = raw_data()
     raw.test_labels = np.where(raw.test_labels == 2, 1, raw.test_labels)

@@ -356,6 +356,32 @@ def test_probe_stage(pipe, tmp_path):
     assert metrics["probe_test_acc"] > 0.5
 
 
+def test_students_learn_from_their_train_subset_of_the_teachers_data(pipe, tmp_path):
+    subset = ["-S", "student.train_subset=48"]  # of the 96 images the teacher and the scores saw
+    assert run_stage(pipe, "cache", "--out", str(tmp_path / "cache"), *subset).exit_code == 0
+    data = load_prepared(pipe / "data")
+    _, _, teacher_id = load_teacher(pipe / "teacher", data)
+    sub = data.train_subset(48)
+    _, logits, manifest = load_cache(tmp_path / "cache", teacher_id, sub.data_id, [])
+    _, whole, _ = load_cache(pipe / "cache", teacher_id, data.data_id, [])
+    keep = [i for i, image in enumerate(data.train_images) if any((image == s).all() for s in sub.train_images)]
+    assert manifest["num_samples"] == 48 and len(keep) == 48
+    np.testing.assert_allclose(logits, whole[keep], atol=1e-4)  # row i: the subset's image i
+
+    out = ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "s.json"), "--live-dir", str(tmp_path / "l"),
+           "--resume-dir", str(tmp_path / "r")]
+    refused = run_stage(pipe, "student", *out, *subset)  # the whole split's cache: rows of other images
+    assert refused.exit_code == 2 and "was made from another data" in refused.output
+    assert not (tmp_path / "s").exists()
+    result = run_stage(pipe, "student", *out, *subset, "--cache", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "s.json").read_text())["train_images"] == 48
+    result = run_stage(pipe, "probe", "--student", str(tmp_path / "s"), "--out", str(tmp_path / "p"),
+                       "--metrics", str(tmp_path / "p.json"))  # no -S: the subset is the student's own
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "p.json").read_text())["train_images"] == 48
+
+
 def test_cache_holds_exactly_the_layers_the_methods_need():
     from pipeline.student import layers_to_cache
 
