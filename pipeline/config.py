@@ -74,7 +74,7 @@ class ScoreParams(Section):
     mode: Literal["reference", "corrected"] = Field(
         "reference", description="reference: the paper's code AS CODED; corrected: its quirks fixed")
     subset_a: PositiveInt = Field(5000, description="class-balanced subset A size (cosines, norms, distances)")
-    subset_b_per_class: PositiveInt = Field(500, description="subset B samples per class (class spectra); the "
+    subset_b_per_class: int = Field(500, ge=2, description="subset B samples per class (class spectra); the "
                                             "reference took 50 for TinyImageNet CNN teachers (a 10 % feature pool)")
     criterion: Literal["Q", "S", "I", "E", "sqrtIE"] = Field("Q", description="rank layers by this score")
     k: PositiveInt = Field(4, description="layers to select: the number of distilled student layers")

@@ -128,7 +128,7 @@ def layer_quality(feats_a: torch.Tensor, labels_a: torch.Tensor, feats_b: torch.
         cos = (gram / (norms[:, None] * norms[None, :])).abs()  # absolute cosine, no epsilon, AS CODED
     else:  # corrected: signed cosine; an all-zero feature vector has cosine 0 with everything
         safe = norms.clamp_min(torch.finfo(dtype).tiny)
-        cos = gram / (safe[:, None] * safe[None, :])
+        cos = gram / safe[:, None] / safe[None, :]  # one division at a time: tiny * tiny underflows to 0/0
     masks = _class_masks(labels_a.to(fa.device))
     S, mean_min_intra = separation_and_min_intra(cos, masks, mode)
     del cos

@@ -152,6 +152,7 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     ("prepare:\n  source: svhn\n", "params: prepare.source: Input should be"),
     ("prepare:\n  test_fraction: 1.0\n", "params: prepare.test_fraction: Input should be less than 1"),
     ("prepare:\n  train_subset: 0\n", "params: prepare.train_subset: Input should be greater than 0"),
+    ("score:\n  subset_b_per_class: 1\n", "params: score.subset_b_per_class: Input should be greater than or equal to 2"),
     ("teacher:\n  train:\n    epochs: -1\n", "params: teacher.train.epochs: Input should be greater than 0"),
     ("teacher:\n  train:\n    milestones: 5\n", "params: teacher.train.milestones: Input should be a valid list"),
     ("teacher:\n  device: tpu\n", "params: teacher.device: Input should be 'auto', 'cpu' or 'cuda'"),

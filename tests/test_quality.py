@@ -82,6 +82,22 @@ def test_matches_numpy_formulas(mode, dims):
     assert (got["M"], got["r"]) == (want["M"], want["r"])
 
 
+def test_corrected_mode_gives_an_all_zero_feature_vector_cosine_0():
+    fa, ya = features(8, 3, 20, seed=1)
+    fa = np.maximum(fa, 0)  # post-ReLU features, one of them all zero
+    fa[5] = 0
+    got = layer_quality(torch.from_numpy(fa), torch.from_numpy(ya), torch.from_numpy(fa), torch.from_numpy(ya),
+                        1000, "corrected").to_dict()
+    norms = np.linalg.norm(fa, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    cos = fa @ fa.T / np.outer(safe, safe)
+    same = (ya[:, None] == ya[None, :]) & ~np.eye(len(ya), dtype=bool)
+    S = np.mean([cos[(ya[:, None] == c) & same].mean() for c in range(3)]) - np.mean(
+        [cos[np.ix_(ya == c, ya == d)].mean() for c in range(3) for d in range(3) if c != d])
+    assert all(math.isfinite(got[key]) for key in ("S", "I", "E", "Q"))
+    assert got["S"] == pytest.approx(S, rel=1e-9)
+
+
 def test_modes_differ_where_the_quirks_bite():
     fa, ya = features(8, 3, 20, seed=1)
     ref = layer_quality(torch.from_numpy(fa), torch.from_numpy(ya), torch.from_numpy(fa), torch.from_numpy(ya),
