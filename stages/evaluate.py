@@ -29,16 +29,17 @@ def evaluate(
     from pipeline.io import atomic_path, check_outputs, write_csv, write_json
     from pipeline.train import pick_device
 
-    check_outputs(metrics, report, folders=(plots,))
+    names = [f"{method}-s{seed}" for method in cfg.methods for seed in cfg.seeds]
+    details = metrics.with_name(metrics.stem + "-details.json")
+    confusion = [plots / "confusion" / f"{name}.csv" for name in ("teacher", *names)]
+    check_outputs(metrics, details, report, plots / "per_class.csv", *confusion, folders=(plots / "confusion",))
 
     prepared = load_prepared(data)
     device = pick_device(cfg.evaluate.device)
-    names = [f"{method}-s{seed}" for method in cfg.methods for seed in cfg.seeds]
     teacher, runs_found, predictions = evaluate_pipeline(prepared, teacher_dir, runs, names, device)
     summary = aggregate(runs_found)
     write_json(metrics, headline_metrics(teacher, summary))
-    write_json(metrics.with_name(metrics.stem + "-details.json"),
-               {"teacher": teacher, "methods": summary, "runs": runs_found})
+    write_json(details, {"teacher": teacher, "methods": summary, "runs": runs_found})
     text = markdown_summary(teacher, summary)
     with atomic_path(report) as tmp:
         tmp.write_text(text)

@@ -65,7 +65,9 @@ def test_repro_writes_every_stage_output(repo):
     details = json.loads((repo / "metrics/evaluate-details.json").read_text())
     runs = {r["run"]: r for r in details["runs"]}
     assert set(runs) == {"ours-s0", "ce-s0"}
-    assert runs["ours-s0"]["probe_top1"] is not None and runs["ce-s0"]["probe_top1"] is not None
+    for name, run in runs.items():  # evaluate's probe number is the probe stage's own
+        probe = json.loads((repo / f"metrics/probe-{name}.json").read_text())
+        assert run["probe_top1"] == pytest.approx(probe["probe_test_acc"], abs=1e-6)
     for run in runs.values():  # evaluate's last-epoch number is the student stage's final test accuracy
         student = json.loads((repo / f"metrics/student-{run['run']}.json").read_text())
         assert run["top1"] == pytest.approx(student["test_acc"], abs=1e-6)
@@ -98,6 +100,14 @@ def test_predict_on_png_files_equals_evaluate(repo, tmp_path):
         evaluated = [row["predicted"] for row in csv.DictReader(f)][:30]
     assert [r["class"] for r in rows] == evaluated
     assert all(len(r["top_k"]) == 2 and r["top_k"][0]["class"] == r["class"] for r in rows)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(repo / "models/export/model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"images": test_images})[0].astype(np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    for row, p in zip(rows, probs):  # softmax of the model's logits, best first
+        assert row["probability"] == pytest.approx(p.max(), abs=1e-6) and row["index"] == p.argmax()
+        assert row["top_k"][1]["probability"] == pytest.approx(np.sort(p)[-2], abs=1e-6)
 
 
 def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
@@ -123,6 +133,57 @@ def test_failed_parity_gate_leaves_no_file(repo, tmp_path):
     assert result.exit_code == 1
     assert "ONNX parity gate failed" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_with_the_probe_head_folds_its_standardisation_into_the_graph(repo, tmp_path):
+    import torch
+
+    from pipeline.data import DeviceData, load_prepared
+    from pipeline.export import Deployable
+    from pipeline.io import read_manifest
+    from pipeline.probe import load_probe, pooled_features
+    from pipeline.student import load_student_dir
+
+    data = load_prepared(repo / "data/prepared")
+    distiller, _, _ = load_student_dir(repo / "runs/student-ours-s0", data)
+    probe = load_probe(repo / "runs/probe-ours-s0", read_manifest(repo / "runs/student-ours-s0", "student"))
+    images = data.test_images[:50]
+    test = DeviceData(images, data.test_labels[:50], data.meta["mean"], data.meta["std"], torch.device("cpu"))
+    want = probe.logits(pooled_features(distiller, test, 64)[0])
+    with torch.no_grad():
+        got = Deployable(distiller, data.meta["mean"], data.meta["std"], probe)(torch.from_numpy(images))
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+    args = ["export", "-p", str(repo / "params.yaml"), "--data", str(repo / "data/prepared"), "--runs",
+            str(repo / "runs"), "--out", str(tmp_path / "m.onnx"), "--metrics", str(tmp_path / "e.json"),
+            "-S", "export.head=probe"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e.json").read_text())["head"] == "probe"
+    other = tmp_path / "runs"  # the probe of another student is refused
+    shutil.copytree(repo / "runs", other)
+    shutil.rmtree(other / "probe-ours-s0")
+    shutil.copytree(other / "probe-ce-s0", other / "probe-ours-s0")
+    result = CliRunner().invoke(app, [*args[:6], str(other), *args[7:]])
+    assert result.exit_code == 2 and "made from another student" in result.output
+
+
+def test_evaluate_and_export_refuse_unwritable_outputs_before_any_work(repo, tmp_path):
+    (tmp_path / "e.json").write_text("earlier")
+    (tmp_path / "e-details.json").mkdir()
+    result = CliRunner().invoke(app, ["evaluate", "-p", str(repo / "params.yaml"), "--data",
+                                      str(repo / "data/prepared"), "--teacher", str(repo / "models/teacher"),
+                                      "--runs", str(repo / "runs"), "--metrics", str(tmp_path / "e.json"),
+                                      "--report", str(tmp_path / "s.md"), "--plots", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "e-details.json is a folder" in result.output
+    assert (tmp_path / "e.json").read_text() == "earlier" and not (tmp_path / "s.md").exists()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x/manifest.json").mkdir()
+    result = CliRunner().invoke(app, ["export", "-p", str(repo / "params.yaml"), "--data", str(repo / "data/prepared"),
+                                      "--runs", str(repo / "runs"), "--out", str(tmp_path / "x/m.onnx"),
+                                      "--metrics", str(tmp_path / "e.json")])
+    assert result.exit_code == 2 and "manifest.json is a folder" in result.output
+    assert (tmp_path / "e.json").read_text() == "earlier" and not (tmp_path / "x/m.onnx").exists()
 
 
 def test_parity_gate_fails_on_nan_logits(repo):
