@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.io import BLOCK, file_digest, read_verified, save_npy, write_json, write_manifest
+from pipeline.io import BLOCK, atomic_path, file_digest, read_verified, save_npy, write_json, write_manifest
 
 
 def block_sha256(data: bytes) -> str:
@@ -95,3 +95,16 @@ def test_an_output_onto_a_folder_is_refused_and_the_folder_kept(tmp_path):
     with pytest.raises(InputError, match="is a folder"):
         write_json(tmp_path / "out", {})
     assert (tmp_path / "out").is_dir()
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "out.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="midway"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("midway")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    with atomic_path(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]

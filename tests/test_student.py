@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.cache import load_cache
 from pipeline.config import METHOD_NAMES, load_params
@@ -133,6 +134,29 @@ def test_sp_uses_the_whole_similarity_matrix():
     assert len(d.projectors) == 0
 
 
+def test_relation_term_matches_hand_computation():
+    d = _tiny_distiller("base_fkd_nokl", relation=0.5)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    t_feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4), torch.randn(4, 32)]
+    _, _, terms = d.losses(x, y, t_feats, None)
+
+    def sim(f):
+        f = f.flatten(1)
+        f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-4)
+        return f @ f.T
+
+    want = []
+    for s, t, conv in zip(d.view.collect(x, [1, 2, 3, 4]), t_feats, d.projectors):
+        t = t[:, :, None, None] if t.dim() == 2 else t
+        if all(a <= b for a, b in zip(s.shape[2:], t.shape[2:])):
+            t = F.adaptive_avg_pool2d(t, s.shape[2:])
+        else:
+            s = F.adaptive_avg_pool2d(s, t.shape[2:])
+        proj = torch.einsum("oc,bchw->bohw", conv.weight.flatten(1), s)
+        want.append(((sim(proj) - sim(t)) ** 2).mean().item())
+    assert terms["relation"].item() == pytest.approx(0.5 * np.mean(want), rel=1e-5)
+
+
 def test_all_pairs_and_semckd_shapes():
     all_pairs = _tiny_distiller("base_fkd_all")
     assert len(all_pairs.projectors) == 16 and all_pairs.pairs[5] == (1, 1)
@@ -197,6 +221,19 @@ def test_every_method_trains_and_lowers_its_loss(pipe, method):
     if METHODS[method].features and METHODS[method].features != "sp":
         assert history[-1]["loss_feature"] < history[0]["loss_feature"]
     assert summary["test_acc"] > 1 / 3  # better than chance on 3 classes
+
+
+def test_simkd_leaves_the_borrowed_teacher_tail_as_the_teacher_has_it(pipe):
+    from pipeline.layers import LayerChain
+
+    distiller, _, _ = _train(pipe, "simkd", epochs=1)
+    teacher, _, _ = load_teacher(pipe / "teacher", load_prepared(pipe / "data"))
+    chain = LayerChain(teacher)
+    fresh = nn.ModuleList(chain.modules[chain.ends[chain.index(distiller.teacher_layers[-1])] + 1:])
+    trained = distiller.tail.state_dict()
+    assert trained.keys() == fresh.state_dict().keys()
+    assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
+    assert not any(p.requires_grad for p in distiller.tail.parameters())
 
 
 @pytest.mark.parametrize("mode", ["default", "cudagraphs"])
