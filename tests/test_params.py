@@ -191,18 +191,19 @@ def one_line_error(result):
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["prepare", "teacher"])
+@pytest.mark.parametrize("command", ["prepare", "teacher", "score", "cache", "student", "probe", "evaluate", "export"])
 def test_cli_bad_params_file(tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
+    out = ["--metrics", "out"] if command == "evaluate" else ["--out", "out"]
     write(tmp_path, "prepare: [unclosed\n", "bad.yaml")
-    line = one_line_error(runner.invoke(app, [command, "-p", "bad.yaml", "--out", "out"]))
+    line = one_line_error(runner.invoke(app, [command, "-p", "bad.yaml", *out]))
     assert line.startswith("error: params file bad.yaml is not valid YAML")
     write(tmp_path, "teacher:\n  train:\n    epochz: 3\n", "typo.yaml")
-    line = one_line_error(runner.invoke(app, [command, "--params", "typo.yaml", "--out", "out"]))
+    line = one_line_error(runner.invoke(app, [command, "--params", "typo.yaml", *out]))
     assert line == "error: params: teacher.train.epochz: unknown key"
-    line = one_line_error(runner.invoke(app, [command, "-p", "missing.yaml", "--out", "out"]))
+    line = one_line_error(runner.invoke(app, [command, "-p", "missing.yaml", *out]))
     assert line == "error: params file not found: missing.yaml"
-    line = one_line_error(runner.invoke(app, [command, "-p", "typo.yaml", "-S", "seed", "--out", "out"]))
+    line = one_line_error(runner.invoke(app, [command, "-p", "typo.yaml", "-S", "seed", *out]))
     assert line == "error: override 'seed' is not key=value"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "typo.yaml"]  # nothing written
 

@@ -70,6 +70,32 @@ def test_score_writes_table_and_selects_top_q(trained):
     assert csv[0].startswith("layer,S,I,E,Q") and len(csv) == 19
 
 
+@pytest.mark.parametrize("mode", ["reference", "corrected"])
+def test_score_rows_are_the_quality_of_subsets_a_and_b(trained, mode):
+    """Each layer's row recomputed apart from the stage's streaming: subsets A and B forwarded separately."""
+    from pipeline.features import flatten_features
+    from pipeline.quality import layer_quality
+    from pipeline.scoring import scoring_subsets
+
+    assert score(trained, "-S", f"score.mode={mode}", out=f"scores-{mode}").exit_code == 0
+    rows = json.loads((trained / f"scores-{mode}/layers.json").read_text())
+    data = load_prepared(trained / "data")
+    teacher, _, _ = load_teacher(trained / "teacher", data)
+    teacher.eval()
+    train = DeviceData(data.train_images, data.train_labels, data.meta["mean"], data.meta["std"], torch.device("cpu"))
+    a, b = scoring_subsets(data.train_labels, 48, 10, seed=0)  # the tiny params' sizes, the default seed
+
+    def feats(ids, k):
+        with torch.no_grad():
+            return flatten_features(layer_view(teacher).collect(train.normalise(train.images[ids]), [k])[0])
+
+    for k in (0, 9, 17):
+        want = layer_quality(feats(a, k), train.labels[a], feats(b, k), train.labels[b], len(data.train_labels),
+                             mode).to_dict()
+        for key in ("S", "I", "E", "Q"):
+            assert rows[k][key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (k, key)
+
+
 def test_score_criterion_and_override(trained):
     assert score(trained, "-S", "score.criterion=S", "-S", "score.k=3", out="by_s").exit_code == 0
     rows = json.loads((trained / "by_s/layers.json").read_text())
