@@ -15,6 +15,7 @@ from pipeline.data import load_prepared
 from pipeline.distill import METHODS, Distiller, LossWeights
 from pipeline.errors import InputError
 from pipeline.layers import layer_shapes
+from pipeline.losses import canonical
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
 from pipeline.probe import fit_probe, probe_student
 from pipeline.student import TeacherTargets, build_distiller, load_student_dir, train_student
@@ -165,6 +166,21 @@ def test_all_pairs_and_semckd_shapes():
     t_feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4), torch.randn(4, 32)]
     total, _, terms = sem.losses(x, y, t_feats, torch.zeros(4, 3))
     assert set(terms) == {"ce", "kl", "feature"} and math.isfinite(total.item())
+    # by hand: per sample, each student layer's squared errors against every teacher layer, weighted by the
+    # softmax over teacher layers of its query . key, summed, averaged over samples and student layers
+    s_feats = [canonical(f) for f in sem.view.collect(x, [1, 2, 3, 4])]
+    t_feats = [canonical(t) for t in t_feats]
+    want = 0.0
+    for b in range(4):
+        for i, s in enumerate(s_feats):
+            q = sem.queries[i](s)[b]
+            scores = torch.stack([q @ sem.keys[j](t)[b] for j, t in enumerate(t_feats)])
+            weights = torch.softmax(scores, 0)
+            for j, t in enumerate(t_feats):
+                p = sem.pairs.index((i, j))
+                err = ((sem._project(p, s)[b] - sem._target(p, t)[b]) ** 2).mean()
+                want += weights[j] * err
+    assert terms["feature"].item() == pytest.approx(want.item() / (4 * 4), rel=1e-5)
 
 
 # --- gradient isolation: the logit-free backbone ---------------------------------------------------------
@@ -372,6 +388,15 @@ def test_probe_matches_scikit_learn_logistic_regression():
     y_test = np.repeat(np.arange(4), 50)
     probe, trials = fit_probe(torch.from_numpy(x), torch.from_numpy(y), 4, [1e-3, 1e-2, 1e-1], 0.2, 0, 500)
     assert probe.weight_decay == max(trials, key=lambda t: (t["holdout_acc"], t["weight_decay"]))["weight_decay"]
+    from pipeline.sources import stratified_mask
+
+    held = stratified_mask(y, 0.2, 0)  # each penalty's held-out accuracy, recomputed with scikit-learn
+    mean, std = x[~held].mean(0), x[~held].std(0)
+    for trial in trials:
+        fitted = LogisticRegression(C=1 / ((~held).sum() * trial["weight_decay"]), max_iter=5000, tol=1e-10)
+        fitted.fit((x[~held] - mean) / std, y[~held])
+        want = fitted.score((x[held] - mean) / std, y[held])
+        assert trial["holdout_acc"] == pytest.approx(want, abs=1.01 / held.sum())
     z = (x - probe.mean.numpy()) / probe.std.numpy()
     ref = LogisticRegression(C=1 / (len(y) * probe.weight_decay), max_iter=5000, tol=1e-10).fit(z, y)
     np.testing.assert_allclose(probe.weight.numpy(), ref.coef_.T, atol=2e-3)
