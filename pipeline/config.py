@@ -185,6 +185,32 @@ def _one_line(err: ValidationError) -> str:
     return f"params: {where}: {what}{more}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(problem=f"key {key!r} given twice",
+                                                        problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise InputError(f"params file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise InputError(f"params file {path} is not valid YAML{where}: {what}") from None
+
+
 def load_params(path: str | Path | None, overrides: list[str] = ()) -> Params:
     """Read params.yaml (or defaults when path is None), apply `key.sub=value` overrides, validate."""
     tree: dict = {}
@@ -192,10 +218,7 @@ def load_params(path: str | Path | None, overrides: list[str] = ()) -> Params:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"params file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise InputError(f"params file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        tree = _read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise InputError(f"params file {path} must hold a mapping of sections")
     for item in overrides:

@@ -1,17 +1,26 @@
-"""Command `params`: every params.yaml key with its default and meaning (from the pydantic schema)."""
+"""Command `params`: every params key with its value (the defaults, or a params file's) and meaning."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
+from stages.common import SetOpt, fail, guarded
 
-def params(section: Optional[str] = typer.Argument(None, help="one section, e.g. student; default: all")) -> None:
-    """List the params keys, their defaults and what they do."""
+
+@guarded
+def params(
+    section: Optional[str] = typer.Argument(None, help="a section or key prefix, e.g. student.train; default: all"),
+    params_file: Optional[Path] = typer.Option(None, "--params", "-p",
+                                               help="show this file's values (validated); default: the defaults"),
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """List the params keys, their values and what they do."""
     from pydantic import BaseModel
 
-    from pipeline.config import Params
+    from pipeline.config import load_params
 
     def rows(model: BaseModel, prefix: str):
         for name, field in type(model).model_fields.items():
@@ -21,9 +30,9 @@ def params(section: Optional[str] = typer.Argument(None, help="one section, e.g.
             else:
                 yield f"{prefix}{name}", value, field.description or ""
 
-    listed = [r for r in rows(Params(), "") if section is None or r[0].split(".")[0] == section]
+    listed = [r for r in rows(load_params(params_file, overrides or []), "")
+              if section is None or r[0] == section or r[0].startswith(f"{section}.")]
     if not listed:
-        typer.echo(f"error: no params section {section!r}", err=True)
-        raise typer.Exit(2)
-    for key, default, about in listed:
-        typer.echo(f"{key:<34} {default!r:<22} {about}")
+        fail(f"no params key or section {section!r}")
+    for key, value, about in listed:
+        typer.echo(f"{key:<34} {value!r:<22} {about}")

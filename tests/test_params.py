@@ -178,6 +178,13 @@ def test_bad_yaml_missing_file_not_a_mapping(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(InputError, match="must hold a mapping of sections"):
         load_params(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    with pytest.raises(InputError, match=r"tab\.yaml is not valid YAML at line 2, column 1: found character '\\t'"):
+        load_params(write(tmp_path, "teacher:\n\tdevice: cpu\n", "tab.yaml"))
+    with pytest.raises(InputError, match=r"twice\.yaml is not valid YAML at line 4, column 5: key 'epochs' given twice"):
+        load_params(write(tmp_path, "teacher:\n  train:\n    epochs: 5\n    epochs: 50\n", "twice.yaml"))
+    (tmp_path / "latin1.yaml").write_bytes("seed: 0 # café\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1\.yaml is not UTF-8 text"):
+        load_params(tmp_path / "latin1.yaml")
 
 
 # --- through the command line --------------------------------------------------------------------
@@ -252,7 +259,7 @@ def test_every_command_help_mentions_all_its_options():
     for name, options in commands.items():
         result = runner.invoke(app, [name, "--help"], env=HELP_ENV)
         assert result.exit_code == 0, (name, result.output)
-        if name not in ("predict", "params"):  # these read no params file
+        if name != "predict":  # it reads no params file
             assert "--params" in options and "--set" in options, name
         for option in options:
             assert option in result.output, (name, option)
@@ -288,7 +295,20 @@ def test_params_command_lists_every_key_with_its_real_default():
     assert "'ours'" in lines["student.method"] and "loss composition" in lines["student.method"]
     assert all(key.startswith("student.") for key in lines)
     bad = runner.invoke(app, ["params", "nope"])
-    assert bad.exit_code == 2 and "no params section 'nope'" in bad.output
+    assert bad.exit_code == 2 and "no params key or section 'nope'" in bad.output
+
+
+def test_params_command_shows_a_params_files_values(tmp_path):
+    write(tmp_path, "teacher:\n  train:\n    epochs: 4\n")
+    result = runner.invoke(app, ["params", "teacher.train", "-p", str(tmp_path / "params.yaml"), "-S",
+                                 "teacher.train.lr=0.2"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1] for line in result.output.splitlines()}
+    assert lines["teacher.train.epochs"] == "4" and lines["teacher.train.lr"] == "0.2"  # the file's, the override's
+    assert lines["teacher.train.batch_size"] == "128" and all(k.startswith("teacher.train.") for k in lines)
+    write(tmp_path, "teacher:\n  train:\n    epochz: 4\n")
+    assert one_line_error(runner.invoke(app, ["params", "-p", str(tmp_path / "params.yaml")])) == (
+        "error: params: teacher.train.epochz: unknown key")
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml")))
