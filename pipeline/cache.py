@@ -111,7 +111,8 @@ def load_cache(cache_dir: str | Path, teacher_id: str, data_id: str, layers: lis
     manifest = read_verified(cache_dir, "cache", {"teacher": teacher_id, "data": data_id})
     missing = [k for k in layers if str(k) not in manifest["shapes"]]
     if missing:
-        raise InputError(f"{cache_dir} holds layers {manifest['layers']}, not {missing}: rerun the cache stage")
+        raise InputError(f"{cache_dir} holds layers {manifest['layers']}, not {missing}: rerun the cache stage with "
+                         "this method in `methods`, or set student.teacher_features=device")
     out = []
     for k in layers:
         array = np.load(Path(cache_dir) / layer_file(k), mmap_mode="r")

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
+                      field_validator)
 
 from pipeline.errors import InputError
 
@@ -31,11 +32,21 @@ class PrepareParams(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="imagefolder without train/test folders: test share")
 
 
+PAPER_ARCHS = ("resnet9", "resnet34", "mobilenetv2", "vgg11_bn", "vgg19_bn", "vit_ett", "vit_b")
+
+
 class ModelParams(Section):
-    arch: str = Field(description="resnet9, resnet34, mobilenetv2, vgg11_bn, vgg19_bn, vit_ett, vit_b or timm:<name>")
+    arch: str = Field(description=f"{', '.join(PAPER_ARCHS)} or timm:<name>")
     width: float = Field(1.0, gt=0, le=4, description="channel width multiplier (paper's models)")
     pretrained: bool = Field(False, description="start from pretrained weights (timm models, needs the hub)")
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+
+    @field_validator("arch")
+    @classmethod
+    def known_arch(cls, arch: str) -> str:
+        if arch not in PAPER_ARCHS and not (arch.startswith("timm:") and len(arch) > 5):
+            raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(PAPER_ARCHS)} or timm:<name>")
+        return arch
 
 
 class RecipeParams(Section):
@@ -180,7 +191,7 @@ def _one_line(err: ValidationError) -> str:
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a typo explains the rest
     first = errors[0]
     where = ".".join(str(p) for p in first["loc"]) or "params"
-    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"params: {where}: {what}{more}"
 

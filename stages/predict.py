@@ -30,6 +30,8 @@ def predict(
 
     if out is not None:
         check_outputs(out)
+        if out.suffix.lower() not in (".csv", ".json"):
+            raise InputError(f"--out {out}: write .csv or .json")
     if provider not in ("auto", "cuda", "cpu"):
         raise InputError(f"provider must be auto, cuda or cpu, not {provider!r}")
     if not model.is_file():
@@ -39,6 +41,8 @@ def predict(
     if missing:
         raise InputError(f"input not found: {', '.join(missing)}")
     found = gather_inputs(inputs, info["image_shape"])
+    if not found.images and not found.skipped:
+        raise InputError(f"no images found in {', '.join(map(str, inputs))}")
     for name, reason in found.skipped:
         typer.echo(f"skipped {name}: {reason}", err=True)
     rows, used = run_predict(model, found, info["classes"], top_k, pick_providers(provider)) if found.images \

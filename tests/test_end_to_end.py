@@ -122,6 +122,13 @@ def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
     result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(repo / "models/export/model.onnx"),
                                       "--out", str(tmp_path)])
     assert result.exit_code == 2 and f"output {tmp_path} is a folder" in result.output
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "empty"), "--model",
+                                      str(repo / "models/export/model.onnx")])
+    assert result.exit_code == 2 and f"no images found in {tmp_path / 'empty'}" in result.output
+    result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(repo / "models/export/model.onnx"),
+                                      "--out", str(tmp_path / "p.txt")])
+    assert result.exit_code == 2 and "write .csv or .json" in result.output and not (tmp_path / "p.txt").exists()
 
 
 def test_failed_parity_gate_leaves_no_file(repo, tmp_path):

@@ -157,6 +157,8 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     ("teacher:\n  train:\n    milestones: 5\n", "params: teacher.train.milestones: Input should be a valid list"),
     ("teacher:\n  device: tpu\n", "params: teacher.device: Input should be 'auto', 'cpu' or 'cuda'"),
     ("seed: 1.5\n", "params: seed: Input should be a valid integer"),
+    ("student:\n  model:\n    arch: resnet99\n", "params: student.model.arch: unknown arch 'resnet99': choose one of"),
+    ("teacher:\n  model:\n    arch: 'timm:'\n", "params: teacher.model.arch: unknown arch 'timm:'"),
     ("student:\n  teacher_layers: [3, -2]\n", "params: student.teacher_layers.1: Input should be greater than or"),
     ("export:\n  batch_sizes: []\n", "params: export.batch_sizes: List should have at least 1 item"),
     ("probe:\n  weight_decays: []\n", "params: probe.weight_decays: List should have at least 1 item"),

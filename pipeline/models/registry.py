@@ -6,9 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from pipeline.config import PAPER_ARCHS
 from pipeline.errors import InputError
-
-PAPER_ARCHS = ("resnet9", "resnet34", "mobilenetv2", "vgg11_bn", "vgg19_bn", "vit_ett", "vit_b")
 
 # METHOD.md §4: the "standard" distilled layers of each architecture (stage ends for CNNs).
 STANDARD_LAYERS = {
