@@ -82,6 +82,31 @@ def test_repro_writes_every_stage_output(repo):
     assert "up to date" in status.stdout
 
 
+def test_a_bad_param_stops_dvc_before_any_stage_removes_its_outputs(repo):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def repro(*args):
+        return subprocess.run([sys.executable, "-m", "dvc", "repro", *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    params = repo / "params.yaml"
+    good = params.read_text()
+    cache = sorted(p.name for p in (repo / "cache/teacher").iterdir())
+    assert "\n  method: ours\n" in good
+    params.write_text(good.replace("\n  method: ours\n", "\n  method: oursx\n"))  # cache and students depend on it
+    try:
+        result = repro()
+    finally:
+        params.write_text(good)
+    assert result.returncode != 0 and "error: params: student.method: Input should be" in result.stderr
+    assert sorted(p.name for p in (repo / "cache/teacher").iterdir()) == cache
+    assert (repo / "runs/student-ours-s0/model.pt").is_file()
+    assert repro("params").returncode == 0  # the check again: same output, so no stage below it reruns
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, env=env, capture_output=True,
+                            text=True)
+    assert "up to date" in status.stdout, status.stdout
+
+
 def test_predict_on_png_files_equals_evaluate(repo, tmp_path):
     test_images = np.load(repo / "data/prepared/test_images.npy")[:30]
     for i, image in enumerate(test_images):
