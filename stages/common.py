@@ -46,12 +46,16 @@ def load(params: Path, overrides: Optional[list[str]]):
 
 
 class _Bars:
-    """rich progress bars with a rate column on a terminal (stderr); plain lines when it is not one."""
+    """rich progress bars with a rate column on a terminal (stderr); plain lines when it is not one (logs, CI),
+    with a progress line at least every `every_s` seconds of a long epoch or task."""
+
+    every_s = 30.0
 
     def __init__(self):
         from rich.console import Console
 
         self.console = Console(stderr=True)
+        self.last_line = time.perf_counter()
         self.progress = None
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -69,10 +73,15 @@ class _Bars:
             self.progress.stop()
 
     def note(self, line: str) -> None:
+        self.last_line = time.perf_counter()
         if self.progress:
             self.progress.console.print(line)
         else:
             print(line, file=sys.stderr, flush=True)
+
+    def heartbeat(self, line: Callable[[], str]) -> None:
+        if not self.progress and time.perf_counter() - self.last_line >= self.every_s:
+            self.note(line())
 
 
 class EpochProgress(_Bars):
@@ -86,16 +95,18 @@ class EpochProgress(_Bars):
             self.step_task = self.progress.add_task("steps", total=1, rate="")
 
     def epoch_start(self, epoch: int, steps: int) -> None:
-        self.images, self.started = 0, time.perf_counter()
+        self.images, self.started, self.epoch, self.steps, self.done = 0, time.perf_counter(), epoch, steps, 0
         if self.progress:
             self.progress.update(self.epoch_task, completed=epoch)
             self.progress.reset(self.step_task, total=steps, description=f"epoch {epoch + 1}", rate="")
 
     def step(self, images: int) -> None:
-        self.images += images
+        self.images, self.done = self.images + images, self.done + 1
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
         if self.progress:
-            rate = self.images / max(time.perf_counter() - self.started, 1e-9)
             self.progress.update(self.step_task, advance=1, rate=f"{rate:,.0f} img/s")
+        self.heartbeat(lambda: f"{self.title} epoch {self.epoch + 1}/{self.epochs}  step {self.done}/{self.steps}  "
+                               f"{rate:,.0f} img/s")
 
     def epoch_end(self, row: dict) -> None:
         if self.progress:
@@ -110,7 +121,7 @@ class TaskProgress(_Bars):
 
     def __init__(self, title: str, total: int, unit: str = "img"):
         super().__init__()
-        self.title, self.unit, self.done = title, unit, 0
+        self.title, self.unit, self.done, self.total = title, unit, 0, total
         if self.progress:
             self.task = self.progress.add_task(title, total=total, rate="")
 
@@ -130,6 +141,8 @@ class TaskProgress(_Bars):
         self.done += n
         if self.progress:
             self.progress.update(self.task, advance=n, rate=f"{self.rate():,.0f} {self.unit}/s")
+        self.heartbeat(lambda: f"{self.title}: {self.done:,}/{self.total:,} {self.unit} at {self.rate():,.1f} "
+                               f"{self.unit}/s")
 
 
 class Live:

@@ -1,5 +1,6 @@
 """Typed params (pipeline/config.py) and the command line's handling of them."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,22 @@ def test_params_command_shows_a_params_files_values(tmp_path):
 def test_every_params_profile_is_valid(path):
     params = load_params(path)
     assert params.student.train.epochs == 50 and params.teacher.model.width == 1.0  # the paper's recipe
+
+
+def test_progress_without_a_terminal_prints_lines_within_long_epochs(capsys, monkeypatch):
+    from stages.common import EpochProgress, TaskProgress
+
+    monkeypatch.setattr(EpochProgress, "every_s", 0.0)  # a line at every step
+    with EpochProgress("teacher", 2) as progress:
+        progress.epoch_start(0, 3)
+        for _ in range(3):
+            progress.step(16)
+        progress.epoch_end({"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "test_acc": 0.7, "img_per_s": 100.0})
+    lines = capsys.readouterr().err.splitlines()
+    for k, line in enumerate(lines[:3], 1):
+        assert re.fullmatch(rf"teacher epoch 1/2  step {k}/3  [\d,]+ img/s", line), line
+    assert lines[3].startswith("teacher epoch 1/2  loss 0.5000")
+    monkeypatch.setattr(TaskProgress, "every_s", 3600.0)  # quiet until a line is due
+    with TaskProgress("cache", 10) as progress:
+        progress.advance(5)
+    assert capsys.readouterr().err.startswith("cache: 5 img at ")  # the summary line alone
