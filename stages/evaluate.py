@@ -31,8 +31,9 @@ def evaluate(
 
     names = [f"{method}-s{seed}" for method in cfg.methods for seed in cfg.seeds]
     details = metrics.with_name(metrics.stem + "-details.json")
-    confusion = [plots / "confusion" / f"{name}.csv" for name in ("teacher", *names)]
-    check_outputs(metrics, details, report, plots / "per_class.csv", *confusion, folders=(plots / "confusion",))
+    confusion = {name: plots / "confusion" / f"{name}.csv" for name in ("teacher", *names)}
+    check_outputs(metrics, details, report, plots / "per_class.csv", *confusion.values(),
+                  folders=(plots / "confusion",))
 
     prepared = load_prepared(data)
     device = pick_device(cfg.evaluate.device)
@@ -45,7 +46,7 @@ def evaluate(
         tmp.write_text(text)
     classes = prepared.meta["classes"]
     for name, predicted in predictions.items():
-        write_csv(plots / "confusion" / f"{name}.csv", confusion_rows(prepared.test_labels, predicted.tolist(), classes),
+        write_csv(confusion[name], confusion_rows(prepared.test_labels, predicted.tolist(), classes),
                   ["actual", "predicted"])
     write_csv(plots / "per_class.csv", per_class_rows(classes, teacher, runs_found),
               ["class", "teacher", *[r["run"] for r in runs_found]])
