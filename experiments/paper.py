@@ -11,7 +11,8 @@ scores and cache meanwhile, so no slot waits for them), and after each finished 
 experiments/results/<cell>.json: a chunk cut short keeps what it finished and the next chunk skips it. The params
 file, the grid and extra -S overrides (e.g. fewer epochs for a smoke run) key the work folder, so outputs made
 otherwise are never reused; runs already in experiments/results are skipped, so delete those files when the grid
-changes.
+changes. An ablation run whose criterion selects the teacher layers of the main (Q) cell's run with the same
+method and seed would repeat it: that run is recorded for it (`same_run_as`) instead.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -144,8 +146,9 @@ class Runner:
         """Data, teacher and scores of every cell with the same prepare and teacher params."""
         return self.root / f"teacher-{cell.key('prepare', 'teacher')}"
 
-    def prepare_cell(self, cell: Cell) -> dict:
-        """Data, teacher, scores and cache of `cell`; returns the folders and the cell's context for results."""
+    def prepare_cell(self, cell: Cell, needs_cache: Callable[[list[int]], bool] = lambda layers: True) -> dict:
+        """Data, teacher, scores and, if `needs_cache(selected layers)`, the cache of `cell`; returns the folders and
+        the cell's context for results."""
         print(f"{cell.name}: preparing data, teacher, scores and cache", flush=True)
         shared = self.teacher_dir(cell)
         sets = [*cell.overrides, methods_override(cell.methods)]  # the cache holds the layers of all its methods
@@ -155,12 +158,14 @@ class Runner:
                           "--resume-dir", str(self.root / "resume"))
         scores = self.kd("score", sets, shared / f"scores-{cell.key('score')}", "--data", str(data),
                          "--teacher", str(teacher))
-        cache = self.kd("cache", sets, self.cache_dir(cell), "--data", str(data), "--teacher",
-                        str(teacher), "--scores", str(scores))
         with open(scores / "layers.csv") as f:
             layers = [{k: float(row[k]) for k in ("layer", "S", "I", "E", "Q", "sqrtIE")} for row in csv.DictReader(f)]
         context = {"teacher": read_json(shared / "teacher.json"), "selection": read_json(scores / "selection.json"),
                    "layers": layers}
+        cache = None
+        if needs_cache(context["selection"]["layers"]):
+            cache = self.kd("cache", sets, self.cache_dir(cell), "--data", str(data), "--teacher",
+                            str(teacher), "--scores", str(scores))
         return {"data": data, "teacher": teacher, "scores": scores, "cache": cache, "context": context}
 
     def run_dir(self, cell: Cell, method: str, seed: int, tag: str = "") -> Path:
@@ -253,18 +258,41 @@ def run(args) -> int:
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
             for seed in grid["seeds"] for method in cell.methods
             if f"{method}-s{seed}" not in _read_runs(args.results / f"{cell.name}.json")]
+    chunk = [(cell, f"{method}-s{seed}") for cell, method, seed in todo]
     print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
     caps = grid.get("max_jobs", {})
 
     def jobs(cell: Cell) -> int:  # runs at once while a run of `cell` starts: the regime's cap (memory) or --jobs
         return min(args.jobs, caps.get(cell.regime, args.jobs))
 
-    start, longest, prepared, running = time.perf_counter(), 0.0, {}, {}
+    start, longest, prepared, running, waiting = time.perf_counter(), 0.0, {}, {}, {}
+
+    def twin(cell: Cell, key: str, layers: list[int]) -> str | None:
+        """The main (Q) cell whose run `key` an ablation run with these teacher layers would repeat, if that run is
+        recorded with these layers or in this chunk with them: the ablation records it instead of training."""
+        main = f"{cell.regime}-{cell.student}-Q"
+        if cell.criterion == "Q":
+            return None
+        done = _read_runs(args.results / f"{main}.json").get(key)
+        if done is not None:
+            return main if done["teacher_layers"] == layers else None
+        same = main in prepared and prepared[main].result()["context"]["selection"]["layers"] == layers
+        return main if same and any(c.name == main and k == key for c, k in chunk) else None
+
+    def record_twins(main: str, key: str, entry: dict) -> None:
+        for copy in waiting.pop((main, key), []):
+            record(args.results, copy, prepared[copy.name].result()["context"], key, {**entry, "same_run_as": main},
+                   info)
+            print(f"{copy.name} {key}: the same teacher layers as {main}: its run, not trained again", flush=True)
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool, ThreadPoolExecutor(max_workers=1) as preparer:
 
         def prepare(cell: Cell) -> Future:  # one cell at a time, in the order asked
             if cell.name not in prepared:
-                prepared[cell.name] = preparer.submit(runner.prepare_cell, cell)
+                def needs_cache(layers: list[int]) -> bool:
+                    return any(twin(cell, key, layers) is None for c, key in chunk if c == cell)
+
+                prepared[cell.name] = preparer.submit(runner.prepare_cell, cell, needs_cache)
             return prepared[cell.name]
 
         while todo or running:
@@ -283,8 +311,16 @@ def run(args) -> int:
                 if running and not folders.done():
                     break  # until a run ends or the folders are ready
                 todo.pop(0)
+                key = f"{method}-s{seed}"
+                main = twin(cell, key, folders.result()["context"]["selection"]["layers"])
+                if main is not None:
+                    waiting.setdefault((main, key), []).append(cell)
+                    recorded = _read_runs(args.results / f"{main}.json").get(key)
+                    if recorded is not None:
+                        record_twins(main, key, recorded)
+                    continue
                 future = pool.submit(runner.student_run, cell, folders.result(), method, seed, jobs(cell), start)
-                running[future] = (cell, f"{method}-s{seed}")
+                running[future] = (cell, key)
             if not running:
                 break
             preparing = {f for f in prepared.values() if not f.done()}
@@ -297,6 +333,7 @@ def run(args) -> int:
                 print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe "
                       f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s "
                       f"({describe(time_split(entry))})", flush=True)
+                record_twins(cell.name, key, entry)
                 later = [c for c, *_ in todo] + [c for c, _ in running.values()]
                 if args.drop_caches and all(runner.cache_dir(c) != runner.cache_dir(cell) for c in later):
                     shutil.rmtree(runner.cache_dir(cell))  # the full regime's caches fill a 64 GB disk
@@ -372,6 +409,9 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                 rows = _rows(cell, grid["ablation"]["method"]) if cell else []
                 if rows:
                     layers = " / ".join(sorted({str(r["teacher_layers"]) for r in rows}))
+                    copies = sum("same_run_as" in r for r in rows)
+                    if copies:
+                        layers += " (Q's runs)" if copies == len(rows) else f" ({copies} of them Q's runs)"
                     out.append(f"| {criterion} | {layers} | {len(rows)} | "
                                f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} |")
             out += ["", _q_chart(main), ""]

@@ -114,6 +114,28 @@ def test_regimes_share_a_teacher_the_next_cell_is_prepared_while_runs_go_and_a_r
     assert s["started_s"] >= q["started_s"] + q["wall_seconds"] - 0.2  # one after the other
 
 
+def test_an_ablation_run_with_the_main_runs_layers_is_recorded_as_that_run_not_trained(grid, tmp_path):
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "params": str(grid / "params.yaml"), "seeds": [0], "students": ["resnet9"], "methods": ["ours"],
+        "regimes": {"pinned": ["score.layers=[12,13,14,15]"]}, "ablation": {"method": "ours", "criteria": ["S"]}}))
+    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"), "--jobs", "2")
+    assert "2 runs to do" in out and out.count("top-1") == 1  # S's run started while Q's was training
+    assert "pinned-resnet9-S ours-s0: the same teacher layers as pinned-resnet9-Q: its run, not trained again" in out
+    results = {c: json.loads((tmp_path / f"results/pinned-resnet9-{c}.json").read_text()) for c in ("Q", "S")}
+    main = results["Q"]["runs"]["ours-s0"]
+    assert results["S"]["runs"]["ours-s0"] == {**main, "same_run_as": "pinned-resnet9-Q"}
+    assert results["S"]["selection"]["criterion"] == "S" and main["teacher_layers"] == [12, 13, 14, 15]
+    work = next((tmp_path / "work").iterdir())
+    assert not (work / "pinned/S").exists()  # neither its cache nor a student
+    assert "| S | [12, 13, 14, 15] (Q's runs) | 1 |" in paper_cli(tmp_path, "table")
+
+    (tmp_path / "results/pinned-resnet9-S.json").unlink()  # now the main run is recorded before the chunk starts
+    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"))
+    assert "1 runs to do" in out and "not trained again" in out and "top-1" not in out
+    assert json.loads((tmp_path / "results/pinned-resnet9-S.json").read_text())["runs"] == results["S"]["runs"]
+    assert not (work / "pinned/S").exists()
+
+
 def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
     cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(grid / "grid.yaml"), "--results",
            str(grid / "results"), "run", "--work", str(grid / "work"), "-S", "student.train.epochs=3"]
