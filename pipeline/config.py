@@ -142,7 +142,8 @@ class ProbeParams(Section):
                                                   description="L2 penalties tried on held-out data")
     holdout: float = Field(0.1, gt=0, lt=1, description="share of the training split held out to pick the penalty")
     max_iter: PositiveInt = Field(200, description="L-BFGS iterations")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="the student's forward pass (auto: cuda when "
+                                                   "available); the fits run on the CPU")
 
 
 class EvaluateParams(Section):

@@ -100,8 +100,9 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays:
 
 def probe_student(distiller: Distiller, data, device: torch.device, weight_decays: list[float], holdout: float,
                   seed: int, max_iter: int, batch_size: int = 1024) -> tuple[Probe, dict]:
-    """Fit the probe on the training split; report its train/test accuracy beside the student's own head, and the
-    seconds its L-BFGS fits took (`fit_seconds`: every penalty tried, then the refit)."""
+    """Fit the probe (on the CPU) on the training split's features (computed on `device`); report its train/test
+    accuracy beside the student's own head, and the seconds its L-BFGS fits took (`fit_seconds`: every penalty
+    tried, then the refit)."""
     from pipeline.teacher import device_splits
     from pipeline.train import prepare_model
 
@@ -110,12 +111,17 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
     (train_x, _), (test_x, head_logits) = (pooled_features(distiller, split, batch_size) for split in (train, test))
     if not (torch.isfinite(train_x).all() and torch.isfinite(test_x).all()):
         raise InputError("the student's features are not finite (NaN or inf in its weights): retrain it")
+    # the fits run on the CPU: L-BFGS over a few MB of float64 is latency-bound, each line-search step waiting on
+    # the host, and on a GPU shared by concurrent runs those waits queue behind the others' kernels (5-78 s per
+    # run's fits with 8 runs on an H100; about 1-4 s on two CPU threads for 6,000 images)
+    train_x, test_x, head_logits = train_x.cpu(), test_x.cpu(), head_logits.cpu()
+    train_y, test_y = train.labels.cpu(), test.labels.cpu()
     start = time.perf_counter()
-    probe, trials = fit_probe(train_x, train.labels, data.num_classes, weight_decays, holdout, seed, max_iter)
+    probe, trials = fit_probe(train_x, train_y, data.num_classes, weight_decays, holdout, seed, max_iter)
     fit_seconds = time.perf_counter() - start
-    metrics = {"probe_test_acc": accuracy(probe.logits(test_x), test.labels),
-               "probe_train_acc": accuracy(probe.logits(train_x), train.labels),
-               "head_test_acc": accuracy(head_logits, test.labels),
+    metrics = {"probe_test_acc": accuracy(probe.logits(test_x), test_y),
+               "probe_train_acc": accuracy(probe.logits(train_x), train_y),
+               "head_test_acc": accuracy(head_logits, test_y),
                "weight_decay": probe.weight_decay, "trials": trials,
                "layer": distiller.student_layers[-1], "feature_dims": train_x.shape[1], "train_images": len(train_x),
                "fit_seconds": fit_seconds}

@@ -35,8 +35,8 @@ def probe(
     distiller, _, student_id = load_student_dir(student_dir, prepared)
     fitted, summary = probe_student(distiller, training_data(student_dir, prepared), pick_device(p.device),
                                     p.weight_decays, p.holdout, cfg.seed, p.max_iter)
-    save_torch(out / "probe.pt", {"format": "kd-probe/1", "weight": fitted.weight.cpu(), "bias": fitted.bias.cpu(),
-                                  "mean": fitted.mean.cpu(), "std": fitted.std.cpu(),
+    save_torch(out / "probe.pt", {"format": "kd-probe/1", "weight": fitted.weight, "bias": fitted.bias,
+                                  "mean": fitted.mean, "std": fitted.std,
                                   "weight_decay": fitted.weight_decay, "layer": summary["layer"]})
     write_json(metrics, summary)
     write_manifest(out, "probe", {"seed": cfg.seed, **p.model_dump()},
