@@ -12,7 +12,8 @@ experiments/results/<cell>.json: a chunk cut short keeps what it finished and th
 file, the grid and extra -S overrides (e.g. fewer epochs for a smoke run) key the work folder, so outputs made
 otherwise are never reused; runs already in experiments/results are skipped, so delete those files when the grid
 changes. An ablation run whose criterion selects the teacher layers of the main (Q) cell's run with the same
-method and seed would repeat it: that run is recorded for it (`same_run_as`) instead.
+method and seed would repeat it: that run is recorded for it (`same_run_as`) instead, its teacher possibly an
+earlier chunk's (as the seeds of one cell may be; each entry keeps its teacher's accuracy).
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def run(args) -> int:
     def jobs(cell: Cell) -> int:  # runs at once while a run of `cell` starts: the regime's cap (memory) or --jobs
         return min(args.jobs, caps.get(cell.regime, args.jobs))
 
-    start, longest, prepared, running, waiting = time.perf_counter(), 0.0, {}, {}, {}
+    start, longest, prepared, running, waiting, twins = time.perf_counter(), 0.0, {}, {}, {}, {}
 
     def twin(cell: Cell, key: str, layers: list[int]) -> str | None:
         """The main (Q) cell whose run `key` an ablation run with these teacher layers would repeat, if that run is
@@ -276,7 +277,8 @@ def run(args) -> int:
         done = _read_runs(args.results / f"{main}.json").get(key)
         if done is not None:
             return main if done["teacher_layers"] == layers else None
-        same = main in prepared and prepared[main].result()["context"]["selection"]["layers"] == layers
+        same = (main in prepared and prepared[main].done()  # (else the one preparer thread would wait for itself)
+                and prepared[main].result()["context"]["selection"]["layers"] == layers)
         return main if same and any(c.name == main and k == key for c, k in chunk) else None
 
     def record_twins(main: str, key: str, entry: dict) -> None:
@@ -289,8 +291,9 @@ def run(args) -> int:
 
         def prepare(cell: Cell) -> Future:  # one cell at a time, in the order asked
             if cell.name not in prepared:
-                def needs_cache(layers: list[int]) -> bool:
-                    return any(twin(cell, key, layers) is None for c, key in chunk if c == cell)
+                def needs_cache(layers: list[int]) -> bool:  # decides, once, which of the cell's runs are twins
+                    twins.update({(cell.name, key): twin(cell, key, layers) for c, key in chunk if c == cell})
+                    return any(twins[(cell.name, key)] is None for c, key in chunk if c == cell)
 
                 prepared[cell.name] = preparer.submit(runner.prepare_cell, cell, needs_cache)
             return prepared[cell.name]
@@ -311,15 +314,15 @@ def run(args) -> int:
                 if running and not folders.done():
                     break  # until a run ends or the folders are ready
                 todo.pop(0)
-                key = f"{method}-s{seed}"
-                main = twin(cell, key, folders.result()["context"]["selection"]["layers"])
+                key, ready = f"{method}-s{seed}", folders.result()  # (waits here when no run is going)
+                main = twins[(cell.name, key)]
                 if main is not None:
                     waiting.setdefault((main, key), []).append(cell)
                     recorded = _read_runs(args.results / f"{main}.json").get(key)
                     if recorded is not None:
                         record_twins(main, key, recorded)
                     continue
-                future = pool.submit(runner.student_run, cell, folders.result(), method, seed, jobs(cell), start)
+                future = pool.submit(runner.student_run, cell, ready, method, seed, jobs(cell), start)
                 running[future] = (cell, key)
             if not running:
                 break
