@@ -119,7 +119,7 @@ def test_an_ablation_run_with_the_main_runs_layers_is_recorded_as_that_run_not_t
         "params": str(grid / "params.yaml"), "seeds": [0], "students": ["resnet9"], "methods": ["ours"],
         "regimes": {"pinned": ["score.layers=[12,13,14,15]"]}, "ablation": {"method": "ours", "criteria": ["S"]}}))
     out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"), "--jobs", "2")
-    assert "2 runs to do" in out and out.count("top-1") == 1  # S's run started while Q's was training
+    assert "2 runs to do" in out and out.count("top-1") == 1  # S's run: Q's, recorded, not trained
     assert "pinned-resnet9-S ours-s0: the same teacher layers as pinned-resnet9-Q: its run, not trained again" in out
     results = {c: json.loads((tmp_path / f"results/pinned-resnet9-{c}.json").read_text()) for c in ("Q", "S")}
     main = results["Q"]["runs"]["ours-s0"]
