@@ -24,6 +24,7 @@ class Prepared:
     meta: dict
     data_id: str  # identity of these arrays, recorded by consumers
     seed: int = 0  # the prepare stage's
+    resize_mode: str | None = None  # how the prepare stage brought images to image_shape: pad or resize
 
     @property
     def num_classes(self) -> int:
@@ -52,7 +53,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     arrays = {name: load_npy(data_dir / f"{name}.npy")
               for name in ("train_images", "train_labels", "test_images", "test_labels")}
     return Prepared(**arrays, meta=read_json(data_dir / "meta.json"), data_id=manifest_id(manifest),
-                    seed=manifest["params"].get("seed", 0))
+                    seed=manifest["params"].get("seed", 0), resize_mode=manifest["params"].get("resize_mode"))
 
 
 class DeviceData:

@@ -127,7 +127,7 @@ def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, 
     metadata = {"classes": json.dumps(data.meta["classes"]), "image_shape": json.dumps(data.meta["image_shape"]),
                 "input": "uint8 NHWC images; scaling and normalisation are inside the graph",
                 "method": distiller.method, "arch": spec.arch, "head": "probe" if probe else "student",
-                "run": run_dir.name}
+                "run": run_dir.name, **({"resize_mode": data.resize_mode} if data.resize_mode else {})}
     reference = torch_logits(model, data.test_images)
     figures = {}
     with atomic_path(out_path) as tmp:

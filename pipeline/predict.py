@@ -18,32 +18,43 @@ class Inputs:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
-def _load_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    from PIL import Image
-
+def fit_to_model(images: np.ndarray, shape: tuple[int, int, int], resize_mode: str | None) -> np.ndarray:
+    """(N, H, W, C) uint8 images brought to the model's size as the prepare stage brought its training images."""
     h, w, c = shape
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
-    if array.shape[:2] != (h, w):
-        raise ValueError(f"size {array.shape[1]}x{array.shape[0]}, the model needs {w}x{h}")
-    return array.reshape(h, w, c)
+    if images.shape[-1] != c:
+        raise ValueError(f"{images.shape[-1]} channels, the model needs {c}")
+    size = f"size {images.shape[2]}x{images.shape[1]}"
+    if images.shape[1:3] == (h, w):
+        return images
+    if resize_mode is None:  # exported before the model recorded how its images were prepared
+        raise ValueError(f"{size}, the model needs {w}x{h}")
+    if resize_mode == "pad" and (images.shape[1] > h or images.shape[2] > w):
+        raise ValueError(f"{size}, larger than the model's {w}x{h} (its training images were padded, not resized)")
+    from pipeline.prepare import fit_size
+
+    return fit_size(images, h, resize_mode)
 
 
-def _load_npy(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+def read_npy_images(path: Path, channels: int) -> np.ndarray:
+    """A uint8 array as (N, H, W, C): one image (H, W) or (H, W, C), or a stack (N, H, W) (grey) or (N, H, W, C)."""
     array = np.load(path, allow_pickle=False)
     if array.dtype != np.uint8:
         raise ValueError(f"dtype {array.dtype}, the model needs uint8")
-    if array.shape == shape or (shape[2] == 1 and array.shape == shape[:2]):
+    if array.ndim == 2 or (array.ndim == 3 and channels == 1 and array.shape[-1] != 1):
+        array = array[..., None]  # grey images without their channel axis
+    if array.ndim == 3:
         array = array[None]
-    if array.shape[1:] == shape[:2] and shape[2] == 1:
-        array = array[..., None]
-    if array.shape[1:] != shape:
-        raise ValueError(f"shape {array.shape}, the model needs (N, {', '.join(map(str, shape))})")
+    if array.ndim != 4:
+        raise ValueError(f"shape {array.shape}: not an image or a stack of images")
     return array
 
 
-def gather_inputs(paths: list[Path], shape: tuple[int, int, int]) -> Inputs:
-    """Read every image (folders recursively, in sorted order); unreadable or wrong-sized ones are skipped."""
+def gather_inputs(paths: list[Path], shape: tuple[int, int, int], resize_mode: str | None = None) -> Inputs:
+    """Read every image (folders recursively, in sorted order), brought to the model's size (`fit_to_model`);
+    unreadable ones, and ones that cannot be brought to it, are skipped."""
+    from pipeline.errors import InputError
+    from pipeline.sources import load_image
+
     inputs = Inputs()
     files = []
     for path in paths:
@@ -54,13 +65,13 @@ def gather_inputs(paths: list[Path], shape: tuple[int, int, int]) -> Inputs:
     for path in files:
         try:
             if path.suffix.lower() == ".npy":
-                array = _load_npy(path, shape)
+                array = fit_to_model(read_npy_images(path, shape[2]), shape, resize_mode)
                 inputs.names += [f"{path}[{i}]" for i in range(len(array))]
-                inputs.images += list(array)
             else:
-                inputs.images.append(_load_image(path, shape))
+                array = fit_to_model(load_image(path, shape[2])[None], shape, resize_mode)
                 inputs.names.append(str(path))
-        except (OSError, ValueError, EOFError) as err:  # PIL's UnidentifiedImageError is an OSError; EOF: empty .npy
+            inputs.images += list(array)
+        except (InputError, OSError, ValueError, EOFError) as err:  # EOFError: an empty .npy
             inputs.skipped.append((str(path), str(err).splitlines()[0] if str(err) else type(err).__name__))
     return inputs
 
@@ -101,4 +112,4 @@ def predict(model_path: Path, inputs: Inputs, classes: list[str], top_k: int, pr
 
 def model_info(model_path: Path) -> dict:
     meta = read_metadata(model_path)
-    return {"classes": meta["classes"], "image_shape": tuple(meta["image_shape"])}
+    return {"classes": meta["classes"], "image_shape": tuple(meta["image_shape"]), "resize_mode": meta.get("resize_mode")}

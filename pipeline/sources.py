@@ -191,22 +191,27 @@ def _class_dirs(root: Path) -> list[Path]:
     return dirs
 
 
-def _read_image(path: Path, size: int, channels: int, resize_mode: str) -> np.ndarray:
+def load_image(path: Path, channels: int) -> np.ndarray:
+    """One image file as (H, W, channels) uint8 at its own size; InputError if it cannot be read."""
     from PIL import Image
-
-    from pipeline.prepare import fit_size
 
     try:
         with Image.open(path) as img:
             if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits (convert() would clip it to white)
                 img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
             elif img.mode in ("I", "F"):
-                raise InputError(f"image {path}: {img.mode} pixels (32-bit) have no 8-bit scale; convert it first")
+                raise InputError(f"{img.mode} pixels (32-bit) have no 8-bit scale; convert it first")
             array = np.array(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's ways to fail on a file
-        raise InputError(f"unreadable image {path}: {err}") from None
+        raise InputError(f"unreadable: {err}") from None
+    return array.reshape(*array.shape[:2], channels)
+
+
+def _read_image(path: Path, size: int, channels: int, resize_mode: str) -> np.ndarray:
+    from pipeline.prepare import fit_size
+
     try:
-        return fit_size(array.reshape(1, *array.shape[:2], channels), size, resize_mode)[0]
+        return fit_size(load_image(path, channels)[None], size, resize_mode)[0]
     except InputError as err:
         raise InputError(f"image {path}: {err}") from None
 

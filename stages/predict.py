@@ -22,7 +22,8 @@ def predict(
     top_k: int = typer.Option(3, min=1, help="classes listed per input"),
     provider: str = typer.Option("auto", help="auto (CUDA when onnxruntime-gpu and a GPU are there), cuda or cpu"),
 ) -> None:
-    """Predict classes with onnxruntime; unreadable or wrong-sized images are named and skipped (exit code 3)."""
+    """Predict classes with onnxruntime. Images of another size are padded or resized as the training images were;
+    unreadable ones, and ones that cannot be, are named and skipped (exit code 3)."""
     from pipeline.errors import InputError
     from pipeline.io import atomic_path, check_outputs
     from pipeline.predict import gather_inputs, model_info, pick_providers
@@ -40,7 +41,7 @@ def predict(
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise InputError(f"input not found: {', '.join(missing)}")
-    found = gather_inputs(inputs, info["image_shape"])
+    found = gather_inputs(inputs, info["image_shape"], info["resize_mode"])
     if not found.images and not found.skipped:
         raise InputError(f"no images found in {', '.join(map(str, inputs))}")
     for name, reason in found.skipped:

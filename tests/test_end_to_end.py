@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.export import read_metadata
 from pipeline.sources import locate_fashion_mnist
 from stages.cli import app
 
@@ -108,19 +109,28 @@ def test_a_bad_param_stops_dvc_before_any_stage_removes_its_outputs(repo):
 
 
 def test_predict_on_png_files_equals_evaluate(repo, tmp_path):
+    """Images at the model's 32x32 and raw 28x28 Fashion-MNIST ones (padded in predict as `prepare` padded them)."""
     test_images = np.load(repo / "data/prepared/test_images.npy")[:30]
-    for i, image in enumerate(test_images):
+    raw = test_images[:, 2:30, 2:30]  # what prepare's centred zero-padding 28 -> 32 started from
+    assert not test_images[:, :2].any() and not test_images[:, 30:].any() and not test_images[:, :, 30:].any()
+    for i, image in enumerate(test_images[:10]):
         Image.fromarray(image[..., 0]).save(tmp_path / f"{i:03d}.png")
+    for i, image in enumerate(raw[10:20], start=10):
+        Image.fromarray(image[..., 0]).save(tmp_path / f"{i:03d}.png")
+    np.save(tmp_path / "020.npy", raw[20:, ..., 0])  # a stack of grey images without a channel axis
     (tmp_path / "zz_broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "zz_empty.npy").write_bytes(b"")
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "zz_small.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "zz_big.png")
     result = CliRunner().invoke(app, ["predict", str(tmp_path), "--model", str(repo / "models/export/model.onnx"),
                                       "--out", str(tmp_path / "pred.json"), "--top-k", "2"])
     assert result.exit_code == 3, result.output  # something was skipped
     assert "skipped" in result.output and all(f"zz_{name}" in result.output
-                                              for name in ("broken.png", "empty.npy", "small.png"))
+                                              for name in ("broken.png", "empty.npy", "big.png"))
+    assert "size 40x40, larger than the model's 32x32" in result.output
+    assert read_metadata(repo / "models/export/model.onnx")["resize_mode"] == "pad"  # as params.yaml prepared
     rows = json.loads((tmp_path / "pred.json").read_text())
-    assert [Path(r["input"]).name for r in rows] == [f"{i:03d}.png" for i in range(30)]
+    assert [Path(r["input"]).name for r in rows] == [f"{i:03d}.png" for i in range(20)] + \
+        [f"020.npy[{i}]" for i in range(10)]
     with open(repo / "plots/confusion/ours-s0.csv") as f:
         evaluated = [row["predicted"] for row in csv.DictReader(f)][:30]
     assert [r["class"] for r in rows] == evaluated

@@ -1,0 +1,62 @@
+"""Bringing deployment inputs to the model's size and layout, as the prepare stage brought the training images."""
+
+import numpy as np
+import pytest
+
+from pipeline.predict import read_npy_images, fit_to_model
+from pipeline.prepare import fit_size
+
+
+def _images(n, h, w, c, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
+
+
+def test_smaller_images_are_padded_like_the_training_images():
+    raw = _images(3, 28, 28, 1)
+    fitted = fit_to_model(raw, (32, 32, 1), "pad")
+    assert fitted.shape == (3, 32, 32, 1)
+    np.testing.assert_array_equal(fitted[:, 2:30, 2:30], raw)
+    assert fitted.sum() == raw.sum()  # the border is zeros
+
+
+def test_other_sizes_are_resized_like_the_training_images():
+    big = _images(2, 40, 40, 3)
+    fitted = fit_to_model(big, (32, 32, 3), "resize")
+    np.testing.assert_array_equal(fitted, fit_size(big, 32, "resize"))
+    assert fitted.shape == (2, 32, 32, 3) and abs(fitted.mean() - big.mean()) < 2
+
+
+def test_images_that_cannot_be_brought_to_the_model_are_refused():
+    same = _images(1, 32, 32, 1)
+    assert fit_to_model(same, (32, 32, 1), None) is same
+    with pytest.raises(ValueError, match="size 28x30, the model needs 32x32"):
+        fit_to_model(_images(1, 30, 28, 1), (32, 32, 1), None)  # an ONNX file without resize_mode
+    with pytest.raises(ValueError, match=r"size 48x40, larger than the model's 32x32 \(its training images were pad"):
+        fit_to_model(_images(1, 40, 48, 1), (32, 32, 1), "pad")
+    with pytest.raises(ValueError, match="3 channels, the model needs 1"):
+        fit_to_model(_images(1, 32, 32, 3), (32, 32, 1), "pad")
+
+
+@pytest.mark.parametrize("shape, channels, expected", [
+    ((28, 28), 1, (1, 28, 28, 1)),
+    ((28, 28, 1), 1, (1, 28, 28, 1)),
+    ((5, 28, 28), 1, (5, 28, 28, 1)),
+    ((5, 28, 28, 1), 1, (5, 28, 28, 1)),
+    ((32, 32, 3), 3, (1, 32, 32, 3)),
+    ((4, 32, 32, 3), 3, (4, 32, 32, 3)),
+])
+def test_npy_arrays_are_read_as_stacks_of_images(tmp_path, shape, channels, expected):
+    array = np.arange(np.prod(shape), dtype=np.int64).astype(np.uint8).reshape(shape)
+    np.save(tmp_path / "a.npy", array)
+    loaded = read_npy_images(tmp_path / "a.npy", channels)
+    assert loaded.shape == expected and loaded.dtype == np.uint8
+    np.testing.assert_array_equal(loaded.reshape(-1), array.reshape(-1))
+
+
+def test_npy_arrays_of_other_types_or_ranks_are_refused(tmp_path):
+    np.save(tmp_path / "f.npy", np.zeros((2, 32, 32, 1), np.float32))
+    with pytest.raises(ValueError, match="dtype float32, the model needs uint8"):
+        read_npy_images(tmp_path / "f.npy", 1)
+    np.save(tmp_path / "r.npy", np.zeros((2, 2, 32, 32, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 32, 32, 1\): not an image or a stack of images"):
+        read_npy_images(tmp_path / "r.npy", 1)
