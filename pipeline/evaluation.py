@@ -26,6 +26,11 @@ def confusion_rows(truth, predicted, classes: list[str]) -> list[dict]:
     return [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(list(truth), list(predicted))]
 
 
+def learning_curve_rows(curve: list[float]) -> list[dict]:
+    """One (epoch, test_acc) row per epoch of a run: a line of the `dvc plots` learning-curve plot."""
+    return [{"epoch": i + 1, "test_acc": acc} for i, acc in enumerate(curve)]
+
+
 def per_class_rows(classes: list[str], teacher: dict, runs: list[dict]) -> list[dict]:
     return [{"class": c, "teacher": teacher["per_class"][i], **{r["run"]: r["per_class"][i] for r in runs}}
             for i, c in enumerate(classes)]
@@ -110,9 +115,9 @@ def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str], device:
         report = classification_report(logits, test.labels, data.num_classes)
         name = run_dir.name.removeprefix("student-")
         predictions[name] = logits.argmax(1).cpu()
-        run = {"run": name, "method": method, "seed": seed, **report,
-               "best_epoch_top1": max(r["test_acc"] for r in manifest["history"]),
-               "epochs": len(manifest["history"]), "probe_top1": None}
+        curve = [r["test_acc"] for r in manifest["history"]]
+        run = {"run": name, "method": method, "seed": seed, **report, "best_epoch_top1": max(curve),
+               "epochs": len(curve), "test_acc_by_epoch": curve, "probe_top1": None}
         probe_dir = Path(runs_dir) / f"probe-{name}"
         if (probe_dir / "probe.pt").is_file():
             probe = load_probe(probe_dir, manifest)

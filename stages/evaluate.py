@@ -25,15 +25,16 @@ def evaluate(
     cfg = load(params, overrides)
     from pipeline.data import load_prepared
     from pipeline.evaluation import (aggregate, confusion_rows, evaluate_pipeline, headline_metrics,
-                                     markdown_summary, per_class_rows)
+                                     learning_curve_rows, markdown_summary, per_class_rows)
     from pipeline.io import atomic_path, check_outputs, write_csv, write_json
     from pipeline.train import pick_device
 
     names = [f"{method}-s{seed}" for method in cfg.methods for seed in cfg.seeds]
     details = metrics.with_name(metrics.stem + "-details.json")
     confusion = {name: plots / "confusion" / f"{name}.csv" for name in ("teacher", *names)}
-    check_outputs(metrics, details, report, plots / "per_class.csv", *confusion.values(),
-                  folders=(plots / "confusion",))
+    curves = {name: plots / "test_acc" / f"{name}.csv" for name in names}
+    check_outputs(metrics, details, report, plots / "per_class.csv", *confusion.values(), *curves.values(),
+                  folders=(plots / "confusion", plots / "test_acc"))
 
     prepared = load_prepared(data)
     device = pick_device(cfg.evaluate.device)
@@ -48,6 +49,8 @@ def evaluate(
     for name, predicted in predictions.items():
         write_csv(confusion[name], confusion_rows(prepared.test_labels, predicted.tolist(), classes),
                   ["actual", "predicted"])
+    for run in runs_found:
+        write_csv(curves[run["run"]], learning_curve_rows(run["test_acc_by_epoch"]), ["epoch", "test_acc"])
     write_csv(plots / "per_class.csv", per_class_rows(classes, teacher, runs_found),
               ["class", "teacher", *[r["run"] for r in runs_found]])
     typer.echo(text)

@@ -74,13 +74,24 @@ def test_repro_writes_every_stage_output(repo):
         assert run["top1"] == pytest.approx(student["test_acc"], abs=1e-6)
         assert run["best_epoch_top1"] == pytest.approx(student["best_test_acc"], abs=1e-6)
         assert sum(map(sum, run["confusion"])) == 100
+        with open(repo / f"plots/test_acc/{run['run']}.csv") as f:  # its learning curve, for `dvc plots`
+            curve = [(int(r["epoch"]), float(r["test_acc"])) for r in csv.DictReader(f)]
+        assert [e for e, _ in curve] == list(range(1, student["epochs"] + 1))
+        assert curve[-1][1] == pytest.approx(student["test_acc"]) and max(a for _, a in curve) == pytest.approx(
+            student["best_test_acc"])
     assert "| ours | 1 |" in (repo / "reports/summary.md").read_text()
     export = json.loads((repo / "metrics/export.json").read_text())
     assert export["max_abs_diff"] <= 1e-4 and export["top1_agreement"] >= 0.999
     assert {bs: f["images"] for bs, f in export["by_batch_size"].items()} == {"1": 20, "7": 20, "256": 100}
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, capture_output=True, text=True,
-                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, capture_output=True, text=True, env=env)
     assert "up to date" in status.stdout
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=repo, capture_output=True,
+                           text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    plotted = json.loads(shown.stdout)["data"]  # one learning-curve plot per run of the current methods x seeds
+    assert {k for k in plotted if "test_acc" in k} == {"plots/test_acc/ours-s0.csv", "plots/test_acc/ce-s0.csv"}
+    assert len(plotted["plots/test_acc/ce-s0.csv"][0]["content"]["data"]["values"]) == len(curve)
 
 
 def test_a_bad_param_stops_dvc_before_any_stage_removes_its_outputs(repo):
