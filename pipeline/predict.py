@@ -112,4 +112,5 @@ def predict(model_path: Path, inputs: Inputs, classes: list[str], top_k: int, pr
 
 def model_info(model_path: Path) -> dict:
     meta = read_metadata(model_path)
-    return {"classes": meta["classes"], "image_shape": tuple(meta["image_shape"]), "resize_mode": meta.get("resize_mode")}
+    return {"classes": meta["classes"], "image_shape": tuple(meta["image_shape"]),
+            "resize_mode": meta.get("resize_mode")}  # absent from files exported before it was recorded
