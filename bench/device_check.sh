@@ -7,15 +7,18 @@
 #   experiment   the next chunk of experiments/paper.py in what is left (or BUDGET_S), results to $OUT;
 #                JOBS runs at once (default 4), CELLS: only these cells, in grid order (default: all)
 #   concurrency  ~5 min: 8 short student runs one at a time vs 4 and 8 at once
+#   teachers     only send back the parts of the teachers trained here that earlier calls had no room for
 # e.g. SESSION_S=560 bash bench/device_check.sh pipeline experiment
 # Here first: pydantic's wheels in .whl/ (see docs/BENCHMARKS.md) and Fashion-MNIST's .gz files in .fmnist/,
-# both git-ignored and named in the call's carry.
+# both git-ignored and named in the call's carry. `experiment` restores the teachers in .teacher-bank/ (parts
+# carried by earlier calls on this machine) and sends back the parts of those it trains, as room is left in $OUT;
+# here: python experiments/teacher_bank.py collect <files_at> --bank .teacher-bank (docs/RESULTS.md).
 set -euo pipefail
 modes=("${@:-bench}")
 for mode in "${modes[@]}"; do
   case $mode in
-    bench | compile | pipeline | experiment | concurrency) ;;
-    *) echo "unknown mode: $mode (bench, compile, pipeline, experiment, concurrency)" >&2; exit 2 ;;
+    bench | compile | pipeline | experiment | concurrency | teachers) ;;
+    *) echo "unknown mode: $mode (bench, compile, pipeline, experiment, concurrency, teachers)" >&2; exit 2 ;;
   esac
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -53,10 +56,21 @@ pipeline() {
 }
 
 experiment() {
-  bounded python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" \
+  local bank=()
+  [[ -d .teacher-bank ]] && bank=(--teacher-bank .teacher-bank)
+  bounded python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" "${bank[@]}" \
     --budget-s "${BUDGET_S:-$((deadline - SECONDS - 60))}" --drop-caches -S prepare.root="$fmnist" ${CELLS:+--cells $CELLS}
   tar czf "$OUT/results.tgz" experiments/results  # what finished comes back even after a failure (one file)
+  teachers
   python3 experiments/paper.py table
+}
+
+teachers() {  # within what may come back: 8 files, 64 MiB (a margin left for the logs that still grow)
+  local used files
+  used=$(du -sm "$OUT" | cut -f1)
+  files=$(find "$OUT" -type f | wc -l)
+  python3 experiments/teacher_bank.py send --work /tmp/paper --out "$OUT" --bank .teacher-bank \
+    --max-mib $((58 - used)) --max-files $((7 - files)) 2>&1 | tee -a "$OUT/run.log" || echo "FAILED: sending teachers"
 }
 
 concurrency() {

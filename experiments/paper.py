@@ -13,7 +13,8 @@ file, the grid and extra -S overrides (e.g. fewer epochs for a smoke run) key th
 otherwise are never reused; runs already in experiments/results are skipped, so delete those files when the grid
 changes. An ablation run whose criterion selects the teacher layers of the main (Q) cell's run with the same
 method and seed would repeat it: that run is recorded for it (`same_run_as`) instead, its teacher possibly an
-earlier chunk's (as the seeds of one cell may be; each entry keeps its teacher's accuracy).
+earlier chunk's (as the seeds of one cell may be; each entry keeps its teacher's accuracy). `--teacher-bank`
+restores a teacher an earlier session trained on these params and data instead of training it (teacher_bank.py).
 """
 
 from __future__ import annotations
@@ -116,9 +117,12 @@ class StageFailed(RuntimeError):
 class Runner:
     """Stage commands under one work folder, each output made once and reused while it exists."""
 
-    def __init__(self, params: Path, work: Path, extra: list[str], jobs: int, key: str = ""):
-        """`key` (e.g. the grid's text) joins the params file and `extra` in naming the work folder."""
+    def __init__(self, params: Path, work: Path, extra: list[str], jobs: int, key: str = "",
+                 bank: Path | None = None):
+        """`key` (e.g. the grid's text) joins the params file and `extra` in naming the work folder; `bank` holds
+        teachers to restore instead of training them (teacher_bank.py)."""
         self.params = params
+        self.bank = bank
         digest = hashlib.sha256("\n".join([params.read_text(), key, *extra]).encode()).hexdigest()[:10]
         self.root = work / digest
         self.extra = extra
@@ -154,6 +158,8 @@ class Runner:
         shared = self.teacher_dir(cell)
         sets = [*cell.overrides, methods_override(cell.methods)]  # the cache holds the layers of all its methods
         data = self.kd("prepare", sets, shared / "data")
+        if self.bank is not None and not (shared / "teacher" / "manifest.json").is_file():
+            self.restore_teacher(cell, sets, data, shared)
         teacher = self.kd("teacher", sets, shared / "teacher", "--data", str(data),
                           "--metrics", str(shared / "teacher.json"), "--live-dir", str(shared / "live-teacher"),
                           "--resume-dir", str(self.root / "resume"))
@@ -168,6 +174,18 @@ class Runner:
             cache = self.kd("cache", sets, self.cache_dir(cell), "--data", str(data), "--teacher",
                             str(teacher), "--scores", str(scores))
         return {"data": data, "teacher": teacher, "scores": scores, "cache": cache, "context": context}
+
+    def restore_teacher(self, cell: Cell, sets: list[str], data: Path, shared: Path) -> None:
+        """The teacher the teacher stage would train here, from the bank if it holds it."""
+        from pipeline.config import load_params
+        from pipeline.io import manifest_id, read_manifest
+        from teacher_bank import restore, teacher_identity
+
+        cfg = load_params(self.params, [*sets, *self.extra])
+        ident = teacher_identity({"seed": cfg.seed, **cfg.teacher.model_dump()},
+                                 manifest_id(read_manifest(data, "prepare")))
+        if restore(self.bank, ident, shared):
+            print(f"{cell.name}: teacher {ident} restored from {self.bank}, not trained", flush=True)
 
     def run_dir(self, cell: Cell, method: str, seed: int, tag: str = "") -> Path:
         return self.root / cell.regime / cell.criterion / cell.student / f"{method}-s{seed}{tag}"
@@ -245,7 +263,8 @@ def record(results: Path, cell: Cell, context: dict, key: str, entry: dict, info
 
 def run(args) -> int:
     grid, cells = load_grid(args.grid)
-    runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs, args.grid.read_text())
+    runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs, args.grid.read_text(),
+                    args.teacher_bank)
     info = {"params": grid["params"], "extra_overrides": args.set or []}
     unknown = sorted(set(args.cells or ()) - {cell.name for cell in cells})
     if unknown:
@@ -471,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     run_ap.add_argument("--cells", nargs="*", help="only these cells")
     run_ap.add_argument("--drop-caches", action="store_true", help="delete a feature cache once no run needs it")
     run_ap.add_argument("-S", "--set", action="append", help="extra override for every stage")
+    run_ap.add_argument("--teacher-bank", type=Path, help="teachers to restore, not train (teacher_bank.py)")
     table_ap = sub.add_parser("table")
     table_ap.add_argument("--write", type=Path, help="replace the marked section of this Markdown file")
     queue_ap = sub.add_parser("queue")

@@ -205,3 +205,40 @@ def test_a_bad_grid_file_is_one_line_and_exit_code_2(tmp_path):
         result = subprocess.run([sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(grid), "plan"],
                                 capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_trained(grid, tmp_path):
+    import teacher_bank
+
+    calls = [tmp_path / f"out{i}" for i in (1, 2)]
+    for out in calls:
+        out.mkdir()
+    first, left = teacher_bank.send(grid / "work", calls[0], 10**9, max_files=3, part_bytes=50_000)
+    assert len(first) == 3 and left > 0  # what comes back per call is limited: the rest on the next call
+    second, left = teacher_bank.send(grid / "work", calls[1], 10**9, max_files=99, part_bytes=50_000)
+    assert left == 0 and len(second) == int(teacher_bank.PART.fullmatch(first[0])["n"]) - 3 and not set(first) & set(second)
+    bank = tmp_path / "bank"
+    teacher_bank.collect(calls, bank)
+    (ident,) = teacher_bank.banked(bank)
+
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({  # the same teacher params and data as `grid`'s cells
+        "params": str(grid / "params.yaml"), "seeds": [3], "students": ["resnet9"], "methods": ["ours"],
+        "regimes": {"small": []}, "ablation": {"method": "ours", "criteria": []}}))
+    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "fresh"), "--teacher-bank", str(bank))
+    assert f"small-resnet9-Q: teacher {ident} restored from {bank}, not trained" in out and "top-1" in out
+    shared = next((tmp_path / "fresh").glob("*/teacher-*"))
+    assert not (shared / "teacher.log").exists()  # the teacher stage did not run
+    original = next((grid / "work").glob("*/teacher-*"))
+    assert len(list((grid / "work").glob("*/teacher-*"))) == 1
+    assert (shared / "teacher/model.pt").read_bytes() == (original / "teacher/model.pt").read_bytes()
+    restored = json.loads((tmp_path / "results/small-resnet9-Q.json").read_text())
+    assert restored["teacher"] == json.loads((grid / "results/small-resnet9-Q.json").read_text())["teacher"]
+    assert teacher_bank.send(tmp_path / "fresh", calls[1], 10**9, 99, skip={ident}) == ([], 0)  # not sent back
+
+    parts = teacher_bank.banked(bank)[ident]
+    damaged = bytearray(parts[1].read_bytes())
+    damaged[100] ^= 1
+    parts[1].write_bytes(bytes(damaged))
+    assert not teacher_bank.restore(bank, ident, tmp_path / "x")  # the checksum in the names refuses it
+    parts[1].unlink()
+    assert not teacher_bank.restore(bank, ident, tmp_path / "x") and not (tmp_path / "x").exists()  # incomplete

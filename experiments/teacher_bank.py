@@ -1,0 +1,155 @@
+"""Trained teachers kept between GPU sessions, in parts small enough for the device tool's transfers.
+
+A lent GPU machine starts bare every session, and the paper's 60k-image ResNet-34 teacher takes ~3.5 of its 15
+minutes to train again; each retraining is also another teacher. So, there, after a chunk, `send` copies every
+teacher the chunk trained to $OUT as 15 MiB parts, over as many calls as the limits on what comes back need;
+here, `collect` gathers them into a git-ignored bank; the next session carries the parts (over two calls: 64 MiB
+each) and `paper.py run --teacher-bank` restores the teacher its cells would train.
+
+A teacher is named by what it was trained from, its params section and its data's identity (the teacher stage's
+own resume key), so only a teacher those cells would train is restored; every part's name carries the checksum
+of the whole, so only a complete and intact set is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.io import hash_obj, read_json  # noqa: E402
+
+PART_BYTES = 15 * 2**20
+PART = re.compile(r"teacher-(?P<id>[0-9a-f]{16})\.(?P<sha>[0-9a-f]{12})\.(?P<i>\d{2})-of-(?P<n>\d{2})\.part")
+
+
+def teacher_identity(params: dict, data_id: str) -> str:
+    """What a teacher was trained from: its params section (seed included) and its data's identity."""
+    return hash_obj({"params": params, "data": data_id})
+
+
+def pack(shared: Path, into: Path, part_bytes: int = PART_BYTES) -> list[Path]:
+    """The teacher of `shared` (teacher/ and teacher.json, as paper.py lays them out) as parts in `into`, made once."""
+    manifest = read_json(shared / "teacher" / "manifest.json")
+    ident = teacher_identity(manifest["params"], manifest["inputs"]["data"])
+    parts = sorted(into.glob(f"teacher-{ident}.*.part"))
+    if parts:
+        return parts
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(shared / "teacher", arcname="teacher")
+        tar.add(shared / "teacher.json", arcname="teacher.json")
+    whole = buffer.getvalue()
+    digest, count = hashlib.sha256(whole).hexdigest()[:12], -(-len(whole) // part_bytes)
+    if count > 99:
+        raise ValueError(f"{shared}: {len(whole)} bytes make more than 99 parts of {part_bytes}")
+    into.mkdir(parents=True, exist_ok=True)
+    for i in range(count):  # each part whole or absent: written beside, then renamed
+        part = into / f"teacher-{ident}.{digest}.{i:02d}-of-{count:02d}.part"
+        part.with_suffix(".tmp").write_bytes(whole[i * part_bytes:(i + 1) * part_bytes])
+        part.with_suffix(".tmp").replace(part)
+    return sorted(into.glob(f"teacher-{ident}.*.part"))
+
+
+def banked(folder: Path) -> dict[str, list[Path]]:
+    """Parts in `folder` by teacher identity, in order."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob("teacher-*.part")) if folder.is_dir() else []:
+        if PART.fullmatch(path.name):
+            groups.setdefault(PART.fullmatch(path.name)["id"], []).append(path)
+    return groups
+
+
+def send(work: Path, out: Path, max_bytes: int, max_files: int, skip: set[str] = frozenset(),
+         part_bytes: int = PART_BYTES) -> tuple[list[str], int]:
+    """Copy to `out`, in order and while they fit `max_bytes` and `max_files`, the parts not sent yet of every
+    teacher trained under `work` (a `paper.py run --work` folder) but those in `skip`; returns their names and how
+    many parts are left for a later call on this machine."""
+    staged = work.with_name(f"{work.name}.parts")  # beside the work folder: its teachers' parts, which were sent
+    log = staged / "sent.txt"
+    sent = set(log.read_text().split()) if log.is_file() else set()
+    todo = []
+    for manifest in sorted(work.glob("*/teacher-*/teacher/manifest.json")):
+        made = read_json(manifest)
+        if teacher_identity(made["params"], made["inputs"]["data"]) not in skip:
+            todo += [p for p in pack(manifest.parent.parent, staged, part_bytes) if p.name not in sent]
+    names: list[str] = []
+    for part in todo:
+        if len(names) == max_files or part.stat().st_size > max_bytes:
+            break
+        shutil.copyfile(part, out / part.name)
+        names.append(part.name)
+        max_bytes -= part.stat().st_size
+        log.write_text("\n".join(sorted(sent | set(names))) + "\n")
+    return names, len(todo) - len(names)
+
+
+def restore(bank: Path, ident: str, shared: Path) -> bool:
+    """Extract the banked teacher `ident` into `shared`, if all its parts are there and they join to the checksum
+    their names carry; False (and nothing written) otherwise."""
+    parts = banked(bank).get(ident, [])
+    names = [PART.fullmatch(p.name) for p in parts]
+    if not parts or {m["sha"] for m in names} != {names[0]["sha"]} or \
+            [int(m["i"]) for m in names] != list(range(int(names[0]["n"]))):
+        return False
+    whole = b"".join(p.read_bytes() for p in parts)
+    if hashlib.sha256(whole).hexdigest()[:12] != names[0]["sha"]:
+        return False
+    shared.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(shared / "teacher", ignore_errors=True)  # what a killed training may have left, no manifest in it
+    with tempfile.TemporaryDirectory(dir=shared) as tmp:
+        with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.move(Path(tmp) / "teacher.json", shared / "teacher.json")
+        shutil.move(Path(tmp) / "teacher", shared / "teacher")  # last: its manifest marks the teacher as made
+    return True
+
+
+def collect(sources: list[Path], bank: Path) -> None:
+    """Copy the parts in `sources` (folders that came back from calls) into `bank`; say what is complete."""
+    bank.mkdir(parents=True, exist_ok=True)
+    for folder in sources:
+        for parts in banked(folder).values():
+            for part in parts:
+                shutil.copyfile(part, bank / part.name)
+    for ident, parts in banked(bank).items():
+        total = int(PART.fullmatch(parts[0].name)["n"])
+        size = sum(p.stat().st_size for p in parts) / 2**20
+        print(f"teacher-{ident}: {len(parts)} of {total} parts, {size:.1f} MiB")
+        if len(parts) == total:  # a first call takes 60 MiB of them, the experiment's call the rest beside the data
+            first = parts[:int(60 * 2**20 // PART_BYTES)]
+            print(f"  carry first: {[str(p) for p in first]}\n  then beside .whl and .fmnist: "
+                  f"{[str(p) for p in parts[len(first):]]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    send_ap = sub.add_parser("send", help="(on the GPU machine) parts of newly trained teachers to an output folder")
+    send_ap.add_argument("--work", type=Path, required=True, help="the work folder of `paper.py run`")
+    send_ap.add_argument("--out", type=Path, required=True)
+    send_ap.add_argument("--max-mib", type=float, required=True, help="room left in what comes back")
+    send_ap.add_argument("--max-files", type=int, required=True, help="files that may still come back")
+    send_ap.add_argument("--bank", type=Path, help="teachers carried here: not sent back")
+    collect_ap = sub.add_parser("collect", help="(here) gather parts that came back into the bank")
+    collect_ap.add_argument("sources", type=Path, nargs="+")
+    collect_ap.add_argument("--bank", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.command == "send":
+        skip = set(banked(args.bank)) if args.bank else set()
+        names, left = send(args.work, args.out, int(args.max_mib * 2**20), args.max_files, skip)
+        print(f"teacher parts sent: {' '.join(names) or 'none'}; {left} left for another call")
+    else:
+        collect(args.sources, args.bank)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
