@@ -8,6 +8,7 @@
 #                JOBS runs at once (default 4), CELLS: only these cells, in grid order (default: all)
 #   concurrency  ~5 min: 8 short student runs one at a time vs 4 and 8 at once
 #   teachers     only send back the parts of the teachers trained here that earlier calls had no room for
+#                (TEACHER_PARTS="3 4": these parts again, e.g. ones `teacher_bank.py collect` says are missing)
 # e.g. SESSION_S=560 bash bench/device_check.sh pipeline experiment
 # Here first: pydantic's wheels in .whl/ (see docs/BENCHMARKS.md) and Fashion-MNIST's .gz files in .fmnist/,
 # both git-ignored and named in the call's carry. `experiment` restores the teachers in .teacher-bank/ (parts
@@ -69,7 +70,8 @@ teachers() {  # within what may come back: 8 files, 64 MiB (a margin left for th
   local used files
   used=$(du -sm "$OUT" | cut -f1)
   files=$(find "$OUT" -type f | wc -l)
-  python3 experiments/teacher_bank.py send --work /tmp/paper --out "$OUT" --bank .teacher-bank \
+  # shellcheck disable=SC2086  # TEACHER_PARTS splits into indices
+  python3 experiments/teacher_bank.py send --work /tmp/paper --out "$OUT" ${TEACHER_PARTS:+--only $TEACHER_PARTS} \
     --max-mib $((58 - used)) --max-files $((7 - files)) 2>&1 | tee -a "$OUT/run.log" || echo "FAILED: sending teachers"
 }
 

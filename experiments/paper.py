@@ -184,8 +184,9 @@ class Runner:
         cfg = load_params(self.params, [*sets, *self.extra])
         ident = teacher_identity({"seed": cfg.seed, **cfg.teacher.model_dump()},
                                  manifest_id(read_manifest(data, "prepare")))
-        if restore(self.bank, ident, shared):
-            print(f"{cell.name}: teacher {ident} restored from {self.bank}, not trained", flush=True)
+        restored = restore(self.bank, ident, shared)
+        print(f"{cell.name}: teacher {ident} " + (f"restored from {self.bank}, not trained" if restored else
+                                                  f"not in {self.bank} (no complete, intact set): trained"), flush=True)
 
     def run_dir(self, cell: Cell, method: str, seed: int, tag: str = "") -> Path:
         return self.root / cell.regime / cell.criterion / cell.student / f"{method}-s{seed}{tag}"

@@ -28,6 +28,7 @@ from pipeline.io import hash_obj, read_json  # noqa: E402
 
 PART_BYTES = 15 * 2**20
 PART = re.compile(r"teacher-(?P<id>[0-9a-f]{16})\.(?P<sha>[0-9a-f]{12})\.(?P<i>\d{2})-of-(?P<n>\d{2})\.part")
+FROM_BANK = "teacher.from-bank"  # beside a restored teacher: it came from the bank, so it is not sent back
 
 
 def teacher_identity(params: dict, data_id: str) -> str:
@@ -35,13 +36,31 @@ def teacher_identity(params: dict, data_id: str) -> str:
     return hash_obj({"params": params, "data": data_id})
 
 
+def part_sets(folder: Path) -> dict[tuple[str, str], list[Path]]:
+    """Parts in `folder` by (teacher identity, checksum of the whole), in order."""
+    sets: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(folder.glob("teacher-*.part")) if folder.is_dir() else []:
+        if match := PART.fullmatch(path.name):
+            sets.setdefault((match["id"], match["sha"]), []).append(path)
+    return sets
+
+
+def missing(parts: list[Path]) -> list[int]:
+    """Indices absent from one set of parts."""
+    total = int(PART.fullmatch(parts[0].name)["n"])
+    return sorted(set(range(total)) - {int(PART.fullmatch(p.name)["i"]) for p in parts})
+
+
 def pack(shared: Path, into: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     """The teacher of `shared` (teacher/ and teacher.json, as paper.py lays them out) as parts in `into`, made once."""
     manifest = read_json(shared / "teacher" / "manifest.json")
     ident = teacher_identity(manifest["params"], manifest["inputs"]["data"])
-    parts = sorted(into.glob(f"teacher-{ident}.*.part"))
-    if parts:
-        return parts
+    for (other, _), parts in part_sets(into).items():
+        if other == ident:
+            if not missing(parts):
+                return parts
+            for part in parts:  # a packing cut short
+                part.unlink()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add(shared / "teacher", arcname="teacher")
@@ -51,40 +70,39 @@ def pack(shared: Path, into: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     if count > 99:
         raise ValueError(f"{shared}: {len(whole)} bytes make more than 99 parts of {part_bytes}")
     into.mkdir(parents=True, exist_ok=True)
-    for i in range(count):  # each part whole or absent: written beside, then renamed
-        part = into / f"teacher-{ident}.{digest}.{i:02d}-of-{count:02d}.part"
-        part.with_suffix(".tmp").write_bytes(whole[i * part_bytes:(i + 1) * part_bytes])
-        part.with_suffix(".tmp").replace(part)
-    return sorted(into.glob(f"teacher-{ident}.*.part"))
+    parts = [into / f"teacher-{ident}.{digest}.{i:02d}-of-{count:02d}.part" for i in range(count)]
+    for i, part in enumerate(parts):
+        _write_atomic(part, whole[i * part_bytes:(i + 1) * part_bytes])
+    return parts
 
 
-def banked(folder: Path) -> dict[str, list[Path]]:
-    """Parts in `folder` by teacher identity, in order."""
-    groups: dict[str, list[Path]] = {}
-    for path in sorted(folder.glob("teacher-*.part")) if folder.is_dir() else []:
-        if PART.fullmatch(path.name):
-            groups.setdefault(PART.fullmatch(path.name)["id"], []).append(path)
-    return groups
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # a name no part pattern matches, if it is left behind
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
-def send(work: Path, out: Path, max_bytes: int, max_files: int, skip: set[str] = frozenset(),
+def send(work: Path, out: Path, max_bytes: int, max_files: int, only: set[int] | None = None,
          part_bytes: int = PART_BYTES) -> tuple[list[str], int]:
-    """Copy to `out`, in order and while they fit `max_bytes` and `max_files`, the parts not sent yet of every
-    teacher trained under `work` (a `paper.py run --work` folder) but those in `skip`; returns their names and how
-    many parts are left for a later call on this machine."""
+    """Copy to `out`, in order and while they fit `max_bytes` and `max_files`, the parts not sent yet (or, with
+    `only`, those of these indices again) of every teacher trained under `work` (a `paper.py run --work` folder);
+    teachers restored from a bank stay. Returns the names sent and how many parts are left for a later call."""
     staged = work.with_name(f"{work.name}.parts")  # beside the work folder: its teachers' parts, which were sent
     log = staged / "sent.txt"
     sent = set(log.read_text().split()) if log.is_file() else set()
+
+    def wanted(part: Path) -> bool:
+        return int(PART.fullmatch(part.name)["i"]) in only if only is not None else part.name not in sent
+
     todo = []
     for manifest in sorted(work.glob("*/teacher-*/teacher/manifest.json")):
-        made = read_json(manifest)
-        if teacher_identity(made["params"], made["inputs"]["data"]) not in skip:
-            todo += [p for p in pack(manifest.parent.parent, staged, part_bytes) if p.name not in sent]
+        if not (manifest.parent.parent / FROM_BANK).is_file():
+            todo += [p for p in pack(manifest.parent.parent, staged, part_bytes) if wanted(p)]
     names: list[str] = []
     for part in todo:
-        if len(names) == max_files or part.stat().st_size > max_bytes:
+        if len(names) >= max_files or part.stat().st_size > max_bytes:
             break
-        shutil.copyfile(part, out / part.name)
+        _write_atomic(out / part.name, part.read_bytes())
         names.append(part.name)
         max_bytes -= part.stat().st_size
         log.write_text("\n".join(sorted(sent | set(names))) + "\n")
@@ -92,38 +110,41 @@ def send(work: Path, out: Path, max_bytes: int, max_files: int, skip: set[str] =
 
 
 def restore(bank: Path, ident: str, shared: Path) -> bool:
-    """Extract the banked teacher `ident` into `shared`, if all its parts are there and they join to the checksum
-    their names carry; False (and nothing written) otherwise."""
-    parts = banked(bank).get(ident, [])
-    names = [PART.fullmatch(p.name) for p in parts]
-    if not parts or {m["sha"] for m in names} != {names[0]["sha"]} or \
-            [int(m["i"]) for m in names] != list(range(int(names[0]["n"]))):
-        return False
-    whole = b"".join(p.read_bytes() for p in parts)
-    if hashlib.sha256(whole).hexdigest()[:12] != names[0]["sha"]:
-        return False
-    shared.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(shared / "teacher", ignore_errors=True)  # what a killed training may have left, no manifest in it
-    with tempfile.TemporaryDirectory(dir=shared) as tmp:
-        with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
-            tar.extractall(tmp, filter="data")
-        shutil.move(Path(tmp) / "teacher.json", shared / "teacher.json")
-        shutil.move(Path(tmp) / "teacher", shared / "teacher")  # last: its manifest marks the teacher as made
-    return True
+    """Extract the banked teacher `ident` into `shared` from a complete set of its parts that joins to the checksum
+    their names carry; False (and nothing written) if there is none."""
+    for (other, sha), parts in part_sets(bank).items():
+        if other != ident or missing(parts):
+            continue
+        whole = b"".join(p.read_bytes() for p in parts)
+        if hashlib.sha256(whole).hexdigest()[:12] != sha:
+            continue
+        shared.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(shared / "teacher", ignore_errors=True)  # what a killed training may have left (no manifest)
+        with tempfile.TemporaryDirectory(dir=shared) as tmp:
+            with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+                tar.extractall(tmp, filter="data")
+            shutil.move(Path(tmp) / "teacher.json", shared / "teacher.json")
+            (shared / FROM_BANK).write_text(f"{ident}.{sha}\n")  # not to be sent back
+            shutil.move(Path(tmp) / "teacher", shared / "teacher")  # last: its manifest marks the teacher as made
+        return True
+    return False
 
 
 def collect(sources: list[Path], bank: Path) -> None:
-    """Copy the parts in `sources` (folders that came back from calls) into `bank`; say what is complete."""
+    """Copy the parts in `sources` (folders that came back from calls) into `bank`; say what is complete, what is
+    missing, and how to carry each complete teacher."""
     bank.mkdir(parents=True, exist_ok=True)
     for folder in sources:
-        for parts in banked(folder).values():
+        for parts in part_sets(folder).values():
             for part in parts:
                 shutil.copyfile(part, bank / part.name)
-    for ident, parts in banked(bank).items():
-        total = int(PART.fullmatch(parts[0].name)["n"])
+    for (ident, sha), parts in part_sets(bank).items():
         size = sum(p.stat().st_size for p in parts) / 2**20
-        print(f"teacher-{ident}: {len(parts)} of {total} parts, {size:.1f} MiB")
-        if len(parts) == total:  # a first call takes 60 MiB of them, the experiment's call the rest beside the data
+        gaps = missing(parts)
+        print(f"teacher-{ident} ({sha}): {len(parts)} parts, {size:.1f} MiB; " +
+              (f"missing {' '.join(f'{i:02d}' for i in gaps)} (TEACHER_PARTS for `device_check.sh teachers`)" if gaps
+               else "complete"))
+        if not gaps:  # a first call takes 60 MiB of them, the experiment's call the rest beside the data
             first = parts[:int(60 * 2**20 // PART_BYTES)]
             print(f"  carry first: {[str(p) for p in first]}\n  then beside .whl and .fmnist: "
                   f"{[str(p) for p in parts[len(first):]]}")
@@ -137,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     send_ap.add_argument("--out", type=Path, required=True)
     send_ap.add_argument("--max-mib", type=float, required=True, help="room left in what comes back")
     send_ap.add_argument("--max-files", type=int, required=True, help="files that may still come back")
-    send_ap.add_argument("--bank", type=Path, help="teachers carried here: not sent back")
+    send_ap.add_argument("--only", type=int, nargs="*", help="send the parts of these indices again (e.g. 3 4)")
     collect_ap = sub.add_parser("collect", help="(here) gather parts that came back into the bank")
     collect_ap.add_argument("sources", type=Path, nargs="+")
     collect_ap.add_argument("--bank", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.command == "send":
-        skip = set(banked(args.bank)) if args.bank else set()
-        names, left = send(args.work, args.out, int(args.max_mib * 2**20), args.max_files, skip)
+        only = set(args.only) if args.only is not None else None
+        names, left = send(args.work, args.out, int(args.max_mib * 2**20), args.max_files, only)
         print(f"teacher parts sent: {' '.join(names) or 'none'}; {left} left for another call")
     else:
         collect(args.sources, args.bank)

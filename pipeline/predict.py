@@ -20,9 +20,10 @@ class Inputs:
 
 def fit_to_model(images: np.ndarray, shape: tuple[int, int, int], resize_mode: str | None) -> np.ndarray:
     """(N, H, W, C) uint8 images brought to the model's size as the prepare stage brought its training images."""
+    from pipeline.prepare import fit_channels, fit_size
+
     h, w, c = shape
-    if images.shape[-1] != c:
-        raise ValueError(f"{images.shape[-1]} channels, the model needs {c}")
+    images = fit_channels(images, c)  # grey to RGB by copying, RGB to grey by luma, as `prepare.channels` does
     size = f"size {images.shape[2]}x{images.shape[1]}"
     if images.shape[1:3] == (h, w):
         return images
@@ -30,17 +31,16 @@ def fit_to_model(images: np.ndarray, shape: tuple[int, int, int], resize_mode: s
         raise ValueError(f"{size}, the model needs {w}x{h}")
     if resize_mode == "pad" and (images.shape[1] > h or images.shape[2] > w):
         raise ValueError(f"{size}, larger than the model's {w}x{h} (its training images were padded, not resized)")
-    from pipeline.prepare import fit_size
-
     return fit_size(images, h, resize_mode)
 
 
-def read_npy_images(path: Path, channels: int) -> np.ndarray:
-    """A uint8 array as (N, H, W, C): one image (H, W) or (H, W, C), or a stack (N, H, W) (grey) or (N, H, W, C)."""
+def read_npy_images(path: Path) -> np.ndarray:
+    """A uint8 array as (N, H, W, C): one image (H, W) or (H, W, C) with C 1 or 3, or a stack (N, H, W) (grey, W
+    neither 1 nor 3) or (N, H, W, C)."""
     array = np.load(path, allow_pickle=False)
     if array.dtype != np.uint8:
         raise ValueError(f"dtype {array.dtype}, the model needs uint8")
-    if array.ndim == 2 or (array.ndim == 3 and channels == 1 and array.shape[-1] != 1):
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] not in (1, 3)):
         array = array[..., None]  # grey images without their channel axis
     if array.ndim == 3:
         array = array[None]
@@ -65,7 +65,7 @@ def gather_inputs(paths: list[Path], shape: tuple[int, int, int], resize_mode: s
     for path in files:
         try:
             if path.suffix.lower() == ".npy":
-                array = fit_to_model(read_npy_images(path, shape[2]), shape, resize_mode)
+                array = fit_to_model(read_npy_images(path), shape, resize_mode)
                 inputs.names += [f"{path}[{i}]" for i in range(len(array))]
             else:
                 array = fit_to_model(load_image(path, shape[2])[None], shape, resize_mode)

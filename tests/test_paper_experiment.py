@@ -210,7 +210,7 @@ def test_a_bad_grid_file_is_one_line_and_exit_code_2(tmp_path):
 def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_trained(grid, tmp_path):
     import teacher_bank
 
-    calls = [tmp_path / f"out{i}" for i in (1, 2)]
+    calls = [tmp_path / f"out{i}" for i in (1, 2, 3)]
     for out in calls:
         out.mkdir()
     first, left = teacher_bank.send(grid / "work", calls[0], 10**9, max_files=3, part_bytes=50_000)
@@ -218,9 +218,11 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     second, left = teacher_bank.send(grid / "work", calls[1], 10**9, max_files=99, part_bytes=50_000)
     assert left == 0 and not set(first) & set(second)
     assert len(first) + len(second) == int(teacher_bank.PART.fullmatch(first[0])["n"])
+    assert teacher_bank.send(grid / "work", calls[2], 10**9, 99, only={1}) == ([first[1]], 0)  # asked for again
     bank = tmp_path / "bank"
-    teacher_bank.collect(calls, bank)
-    (ident,) = teacher_bank.banked(bank)
+    teacher_bank.collect(calls[:2], bank)
+    ((ident, sha),) = teacher_bank.part_sets(bank)
+    (bank / f"teacher-{ident}.{'0' * 12}.00-of-02.part").write_bytes(b"half of another training's teacher")
 
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({  # the same teacher params and data as `grid`'s cells
         "params": str(grid / "params.yaml"), "seeds": [3], "students": ["resnet9"], "methods": ["ours"],
@@ -229,14 +231,17 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     assert f"small-resnet9-Q: teacher {ident} restored from {bank}, not trained" in out and "top-1" in out
     shared = next((tmp_path / "fresh").glob("*/teacher-*"))
     assert not (shared / "teacher.log").exists()  # the teacher stage did not run
-    original = next((grid / "work").glob("*/teacher-*"))
     assert len(list((grid / "work").glob("*/teacher-*"))) == 1
+    original = next((grid / "work").glob("*/teacher-*"))
     assert (shared / "teacher/model.pt").read_bytes() == (original / "teacher/model.pt").read_bytes()
     restored = json.loads((tmp_path / "results/small-resnet9-Q.json").read_text())
     assert restored["teacher"] == json.loads((grid / "results/small-resnet9-Q.json").read_text())["teacher"]
-    assert teacher_bank.send(tmp_path / "fresh", calls[1], 10**9, 99, skip={ident}) == ([], 0)  # not sent back
+    assert teacher_bank.send(tmp_path / "fresh", calls[2], 10**9, 99) == ([], 0)  # a restored teacher stays
 
-    parts = teacher_bank.banked(bank)[ident]
+    staged = sorted((grid / "work.parts").glob("*.part"))
+    staged[-1].unlink()  # a packing cut short is made again, not sent incomplete
+    assert teacher_bank.pack(original, grid / "work.parts", 50_000) == staged and staged[-1].is_file()
+    parts = teacher_bank.part_sets(bank)[(ident, sha)]
     damaged = bytearray(parts[1].read_bytes())
     damaged[100] ^= 1
     parts[1].write_bytes(bytes(damaged))

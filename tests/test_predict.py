@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.predict import read_npy_images, fit_to_model
-from pipeline.prepare import fit_size
+from pipeline.errors import InputError
+from pipeline.predict import fit_to_model, read_npy_images
+from pipeline.prepare import fit_channels, fit_size
 
 
 def _images(n, h, w, c, seed=0):
@@ -33,22 +34,30 @@ def test_images_that_cannot_be_brought_to_the_model_are_refused():
         fit_to_model(_images(1, 30, 28, 1), (32, 32, 1), None)  # an ONNX file without resize_mode
     with pytest.raises(ValueError, match=r"size 48x40, larger than the model's 32x32 \(its training images were pad"):
         fit_to_model(_images(1, 40, 48, 1), (32, 32, 1), "pad")
-    with pytest.raises(ValueError, match="3 channels, the model needs 1"):
-        fit_to_model(_images(1, 32, 32, 3), (32, 32, 1), "pad")
+    with pytest.raises(InputError, match="cannot convert 4-channel images to 1 channels"):
+        fit_to_model(_images(1, 32, 32, 4), (32, 32, 1), "pad")
 
 
-@pytest.mark.parametrize("shape, channels, expected", [
-    ((28, 28), 1, (1, 28, 28, 1)),
-    ((28, 28, 1), 1, (1, 28, 28, 1)),
-    ((5, 28, 28), 1, (5, 28, 28, 1)),
-    ((5, 28, 28, 1), 1, (5, 28, 28, 1)),
-    ((32, 32, 3), 3, (1, 32, 32, 3)),
-    ((4, 32, 32, 3), 3, (4, 32, 32, 3)),
+def test_colour_and_grey_are_converted_as_prepare_converts_them():
+    rgb = _images(2, 28, 28, 3)
+    grey = fit_to_model(rgb, (32, 32, 1), "pad")
+    np.testing.assert_array_equal(grey[:, 2:30, 2:30], fit_channels(rgb, 1))
+    assert grey.shape == (2, 32, 32, 1) and grey[:, 2:30, 2:30].std() > 10  # luma, not one channel of zeros
+    np.testing.assert_array_equal(fit_to_model(grey, (32, 32, 3), "pad"), np.repeat(grey, 3, axis=-1))
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((28, 28), (1, 28, 28, 1)),
+    ((28, 28, 1), (1, 28, 28, 1)),
+    ((5, 28, 28), (5, 28, 28, 1)),
+    ((5, 28, 28, 1), (5, 28, 28, 1)),
+    ((32, 32, 3), (1, 32, 32, 3)),  # one colour image, also for a grey model (converted later, not 32 stripes)
+    ((4, 32, 32, 3), (4, 32, 32, 3)),
 ])
-def test_npy_arrays_are_read_as_stacks_of_images(tmp_path, shape, channels, expected):
+def test_npy_arrays_are_read_as_stacks_of_images(tmp_path, shape, expected):
     array = np.arange(np.prod(shape), dtype=np.int64).astype(np.uint8).reshape(shape)
     np.save(tmp_path / "a.npy", array)
-    loaded = read_npy_images(tmp_path / "a.npy", channels)
+    loaded = read_npy_images(tmp_path / "a.npy")
     assert loaded.shape == expected and loaded.dtype == np.uint8
     np.testing.assert_array_equal(loaded.reshape(-1), array.reshape(-1))
 
@@ -56,7 +65,7 @@ def test_npy_arrays_are_read_as_stacks_of_images(tmp_path, shape, channels, expe
 def test_npy_arrays_of_other_types_or_ranks_are_refused(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((2, 32, 32, 1), np.float32))
     with pytest.raises(ValueError, match="dtype float32, the model needs uint8"):
-        read_npy_images(tmp_path / "f.npy", 1)
+        read_npy_images(tmp_path / "f.npy")
     np.save(tmp_path / "r.npy", np.zeros((2, 2, 32, 32, 1), np.uint8))
     with pytest.raises(ValueError, match=r"shape \(2, 2, 32, 32, 1\): not an image or a stack of images"):
-        read_npy_images(tmp_path / "r.npy", 1)
+        read_npy_images(tmp_path / "r.npy")
