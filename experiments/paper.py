@@ -394,6 +394,11 @@ def _pm(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _teachers(runs) -> str:
+    """The test top-1 of the teachers these runs distilled from: several where chunks trained their own."""
+    return " / ".join(f"{100 * acc:.2f}" for acc in sorted({r["teacher_test_acc"] for r in runs}))
+
+
 def _rows(cell: dict, method: str) -> list[dict]:
     return [r for r in cell["runs"].values() if r["method"] == method]
 
@@ -410,10 +415,10 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                 continue
             runs = main["runs"].values()
             devices = ", ".join(sorted({f"{r['device']} ({r['jobs']} runs at a time)" for r in runs}))
-            teachers = " / ".join(f"{100 * acc:.2f} %" for acc in sorted({r["teacher_test_acc"] for r in runs}))
+            teachers = _teachers(runs)
             selected = " / ".join(sorted({str(r["teacher_layers"]) for r in _rows(main, "ours")}))
             out += [f"### {regime}, {student} student", "",
-                    f"Teacher test top-1 {teachers} (one value per teacher trained for these runs); layers selected "
+                    f"Teacher test top-1 {teachers} % (one value per teacher trained for these runs); layers selected "
                     f"by Q: {selected}. Device: {devices}.", "",
                     "| method | seeds | last-epoch top-1 (%) | best-epoch top-1 (%) | linear probe (%) | s/run |",
                     "|---|---|---|---|---|---|"]
@@ -425,8 +430,9 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                                f"{_pm([r['best_test_acc'] for r in rows])} | "
                                f"{_pm([r['probe_test_acc'] for r in rows])} | {wall:.0f} |")
             out += ["", f"Layer criterion ablation ({grid['ablation']['method']}):", "",
-                    "| criterion | teacher layers | seeds | last-epoch top-1 (%) | linear probe (%) |",
-                    "|---|---|---|---|---|"]
+                    "| criterion | teacher layers | seeds | last-epoch top-1 (%) | linear probe (%) | "
+                    "teacher top-1 (%) |",
+                    "|---|---|---|---|---|---|"]
             for criterion in ["Q", *grid["ablation"]["criteria"]]:
                 cell = cells.get(f"{regime}-{student}-{criterion}")
                 rows = _rows(cell, grid["ablation"]["method"]) if cell else []
@@ -436,7 +442,8 @@ def table(results: Path, grid_path: Path = GRID) -> str:
                     if copies:
                         layers += " (Q's runs)" if copies == len(rows) else f" ({copies} of them Q's runs)"
                     out.append(f"| {criterion} | {layers} | {len(rows)} | "
-                               f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} |")
+                               f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} | "
+                               f"{_teachers(rows)} |")
             out += ["", _q_chart(main), ""]
     return "\n".join(out).rstrip() + "\n" if out else "No runs yet.\n"
 

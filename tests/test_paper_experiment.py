@@ -168,7 +168,7 @@ def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
     text = paper_cli(grid, "table", "--write", str(doc))
     assert f"| ours | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in text
     assert (f"| S | {only['teacher_layers']} | 1 | {100 * only['test_acc']:.2f} | "
-            f"{100 * only['probe_test_acc']:.2f} |") in text
+            f"{100 * only['probe_test_acc']:.2f} | {100 * only['teacher_test_acc']:.2f} |") in text
     assert "| Q | " in text and "xychart-beta" in text
     paper_cli(grid, "table", "--write", str(doc))
     written = doc.read_text()
