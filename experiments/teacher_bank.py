@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.io import hash_obj, read_json  # noqa: E402
+from pipeline.io import atomic_path, hash_obj, read_json  # noqa: E402
 
 PART_BYTES = 15 * 2**20
 PART = re.compile(r"teacher-(?P<id>[0-9a-f]{16})\.(?P<sha>[0-9a-f]{12})\.(?P<i>\d{2})-of-(?P<n>\d{2})\.part")
@@ -69,17 +69,11 @@ def pack(shared: Path, into: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     digest, count = hashlib.sha256(whole).hexdigest()[:12], -(-len(whole) // part_bytes)
     if count > 99:
         raise ValueError(f"{shared}: {len(whole)} bytes make more than 99 parts of {part_bytes}")
-    into.mkdir(parents=True, exist_ok=True)
     parts = [into / f"teacher-{ident}.{digest}.{i:02d}-of-{count:02d}.part" for i in range(count)]
     for i, part in enumerate(parts):
-        _write_atomic(part, whole[i * part_bytes:(i + 1) * part_bytes])
+        with atomic_path(part) as tmp:  # (a hidden temporary name: no part pattern matches one left behind)
+            tmp.write_bytes(whole[i * part_bytes:(i + 1) * part_bytes])
     return parts
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # a name no part pattern matches, if it is left behind
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def send(work: Path, out: Path, max_bytes: int, max_files: int, only: set[int] | None = None,
@@ -102,7 +96,8 @@ def send(work: Path, out: Path, max_bytes: int, max_files: int, only: set[int] |
     for part in todo:
         if len(names) >= max_files or part.stat().st_size > max_bytes:
             break
-        _write_atomic(out / part.name, part.read_bytes())
+        with atomic_path(out / part.name) as tmp:
+            shutil.copyfile(part, tmp)
         names.append(part.name)
         max_bytes -= part.stat().st_size
         log.write_text("\n".join(sorted(sent | set(names))) + "\n")
