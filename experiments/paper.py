@@ -253,13 +253,118 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def record(results: Path, cell: Cell, context: dict, key: str, entry: dict, info: dict) -> None:
-    path = results / f"{cell.name}.json"
-    saved = read_json(path) if path.is_file() else {"runs": {}}
-    saved.update({"cell": cell.name, "regime": cell.regime, "student": cell.student, "criterion": cell.criterion,
-                  "overrides": cell.overrides, **info, **context})
-    saved["runs"][key] = entry
-    write_json(path, saved)
+class Chunk:
+    """One `run` invocation's runs, in order: up to `jobs` students at once on the device; each cell's data,
+    teacher, scores and cache made on one preparer thread ahead of its runs; an ablation run whose criterion picks
+    the teacher layers of the main (Q) cell's run with the same method and seed recorded as that run, not trained."""
+
+    def __init__(self, runner: Runner, todo: list[tuple[Cell, str, int]], results: Path, info: dict, jobs: int,
+                 caps: dict[str, int], budget_s: float, drop_caches: bool):
+        self.runner, self.results, self.info = runner, results, info
+        self.todo = list(todo)
+        self.asked = [(cell, f"{method}-s{seed}") for cell, method, seed in todo]
+        self.max_jobs, self.caps, self.budget_s, self.drop_caches = jobs, caps, budget_s, drop_caches
+        self.start, self.longest = time.perf_counter(), 0.0
+        self.prepared: dict[str, Future] = {}  # cell name -> its folders and context
+        self.running: dict[Future, tuple[Cell, str]] = {}
+        self.twins: dict[tuple[str, str], str | None] = {}  # (cell, run) -> the main cell whose run it repeats
+        self.waiting: dict[tuple[str, str], list[Cell]] = {}  # (main cell, run) -> cells to record that run in
+
+    def jobs(self, cell: Cell) -> int:
+        """Runs at once while a run of `cell` starts: the regime's cap (memory) or --jobs."""
+        return min(self.max_jobs, self.caps.get(cell.regime, self.max_jobs))
+
+    def run(self) -> None:
+        with ThreadPoolExecutor(self.max_jobs) as self.pool, ThreadPoolExecutor(1) as self.preparer:
+            while self.todo or self.running:
+                self.start_runs()
+                if not self.running:
+                    break
+                preparing = {f for f in self.prepared.values() if not f.done()}
+                done, _ = wait({*self.running, *preparing}, return_when=FIRST_COMPLETED)
+                for future in done & self.running.keys():
+                    self.finish(future)
+
+    def start_runs(self) -> None:
+        """Start runs in order while slots are free and the budget lasts; with runs going, stop at one whose cell
+        is not prepared yet (with none going, wait for it)."""
+        while self.todo and len(self.running) < self.jobs(self.todo[0][0]):
+            if time.perf_counter() - self.start + self.longest > self.budget_s:
+                print(f"budget: not starting {len(self.todo)} more runs", flush=True)
+                self.todo = []
+                return
+            cell, method, seed = self.todo[0]
+            folders = self.prepare(cell)
+            # the next cell's scores and cache are made while this one's runs go (same teacher: it exists; a new
+            # teacher is not started that the budget may leave unused)
+            ahead = next((c for c, *_ in self.todo if c.name != cell.name), None)
+            if ahead is not None and self.runner.teacher_dir(ahead) == self.runner.teacher_dir(cell):
+                self.prepare(ahead)
+            if self.running and not folders.done():
+                return
+            self.todo.pop(0)
+            key, ready = f"{method}-s{seed}", folders.result()
+            main = self.twins[(cell.name, key)]
+            if main is None:
+                future = self.pool.submit(self.runner.student_run, cell, ready, method, seed, self.jobs(cell),
+                                          self.start)
+                self.running[future] = (cell, key)
+                continue
+            self.waiting.setdefault((main, key), []).append(cell)
+            recorded = _read_runs(self.results / f"{main}.json").get(key)
+            if recorded is not None:
+                self.record_twins(main, key, recorded)
+
+    def prepare(self, cell: Cell) -> Future:
+        """The cell's folders, made on the preparer thread: one cell at a time, in the order asked."""
+        if cell.name not in self.prepared:
+            def needs_cache(layers: list[int]) -> bool:  # decides, once, which of the cell's runs are twins
+                mine = [key for c, key in self.asked if c == cell]
+                self.twins.update({(cell.name, key): self.twin(cell, key, layers) for key in mine})
+                return any(self.twins[(cell.name, key)] is None for key in mine)
+
+            self.prepared[cell.name] = self.preparer.submit(self.runner.prepare_cell, cell, needs_cache)
+        return self.prepared[cell.name]
+
+    def twin(self, cell: Cell, key: str, layers: list[int]) -> str | None:
+        """The main (Q) cell whose run `key` this ablation run with these teacher layers would repeat, if that run
+        is recorded with these layers or is in this chunk with them."""
+        main = f"{cell.regime}-{cell.student}-Q"
+        if cell.criterion == "Q":
+            return None
+        done = _read_runs(self.results / f"{main}.json").get(key)
+        if done is not None:
+            return main if done["teacher_layers"] == layers else None
+        same = (main in self.prepared and self.prepared[main].done()  # (else the preparer would wait for itself)
+                and self.prepared[main].result()["context"]["selection"]["layers"] == layers)
+        return main if same and any(c.name == main and k == key for c, k in self.asked) else None
+
+    def finish(self, future: Future) -> None:
+        """Record a finished run (and the ablation runs that are it); drop caches no later run needs."""
+        cell, key = self.running.pop(future)
+        entry = future.result()
+        self.longest = max(self.longest, entry["wall_seconds"])
+        self.record(cell, key, entry)
+        print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe {100 * entry['probe_test_acc']:.2f} "
+              f"%, {entry['wall_seconds']:.0f} s ({describe(time_split(entry))})", flush=True)
+        self.record_twins(cell.name, key, entry)
+        later = [c for c, *_ in self.todo] + [c for c, _ in self.running.values()]
+        if self.drop_caches and all(self.runner.cache_dir(c) != self.runner.cache_dir(cell) for c in later):
+            shutil.rmtree(self.runner.cache_dir(cell))  # the full regime's caches fill a 64 GB disk
+
+    def record_twins(self, main: str, key: str, entry: dict) -> None:
+        for copy in self.waiting.pop((main, key), []):
+            self.record(copy, key, {**entry, "same_run_as": main})
+            print(f"{copy.name} {key}: the same teacher layers as {main}: its run, not trained again", flush=True)
+
+    def record(self, cell: Cell, key: str, entry: dict) -> None:
+        """Into experiments/results/<cell>.json, with the cell's context (teacher, selection, layer scores)."""
+        path = self.results / f"{cell.name}.json"
+        saved = read_json(path) if path.is_file() else {"runs": {}}
+        saved.update({"cell": cell.name, "regime": cell.regime, "student": cell.student, "criterion": cell.criterion,
+                      "overrides": cell.overrides, **self.info, **self.prepared[cell.name].result()["context"]})
+        saved["runs"][key] = entry
+        write_json(path, saved)
 
 
 def run(args) -> int:
@@ -279,88 +384,11 @@ def run(args) -> int:
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
             for seed in grid["seeds"] for method in cell.methods
             if f"{method}-s{seed}" not in _read_runs(args.results / f"{cell.name}.json")]
-    chunk = [(cell, f"{method}-s{seed}") for cell, method, seed in todo]
     print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
-    caps = grid.get("max_jobs", {})
-
-    def jobs(cell: Cell) -> int:  # runs at once while a run of `cell` starts: the regime's cap (memory) or --jobs
-        return min(args.jobs, caps.get(cell.regime, args.jobs))
-
-    start, longest, prepared, running, waiting, twins = time.perf_counter(), 0.0, {}, {}, {}, {}
-
-    def twin(cell: Cell, key: str, layers: list[int]) -> str | None:
-        """The main (Q) cell whose run `key` an ablation run with these teacher layers would repeat, if that run is
-        recorded with these layers or in this chunk with them: the ablation records it instead of training."""
-        main = f"{cell.regime}-{cell.student}-Q"
-        if cell.criterion == "Q":
-            return None
-        done = _read_runs(args.results / f"{main}.json").get(key)
-        if done is not None:
-            return main if done["teacher_layers"] == layers else None
-        same = (main in prepared and prepared[main].done()  # (else the one preparer thread would wait for itself)
-                and prepared[main].result()["context"]["selection"]["layers"] == layers)
-        return main if same and any(c.name == main and k == key for c, k in chunk) else None
-
-    def record_twins(main: str, key: str, entry: dict) -> None:
-        for copy in waiting.pop((main, key), []):
-            record(args.results, copy, prepared[copy.name].result()["context"], key, {**entry, "same_run_as": main},
-                   info)
-            print(f"{copy.name} {key}: the same teacher layers as {main}: its run, not trained again", flush=True)
-
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool, ThreadPoolExecutor(max_workers=1) as preparer:
-
-        def prepare(cell: Cell) -> Future:  # one cell at a time, in the order asked
-            if cell.name not in prepared:
-                def needs_cache(layers: list[int]) -> bool:  # decides, once, which of the cell's runs are twins
-                    twins.update({(cell.name, key): twin(cell, key, layers) for c, key in chunk if c == cell})
-                    return any(twins[(cell.name, key)] is None for c, key in chunk if c == cell)
-
-                prepared[cell.name] = preparer.submit(runner.prepare_cell, cell, needs_cache)
-            return prepared[cell.name]
-
-        while todo or running:
-            while todo and len(running) < jobs(todo[0][0]):
-                if time.perf_counter() - start + longest > args.budget_s:
-                    print(f"budget: not starting {len(todo)} more runs", flush=True)
-                    todo = []
-                    break
-                cell, method, seed = todo[0]
-                folders = prepare(cell)
-                # the next cell's scores and cache are made while this one's runs go (same teacher: it exists; a
-                # new teacher is not started that the budget may leave unused)
-                ahead = next((c for c, *_ in todo if c.name != cell.name), None)
-                if ahead is not None and runner.teacher_dir(ahead) == runner.teacher_dir(cell):
-                    prepare(ahead)
-                if running and not folders.done():
-                    break  # until a run ends or the folders are ready
-                todo.pop(0)
-                key, ready = f"{method}-s{seed}", folders.result()  # (waits here when no run is going)
-                main = twins[(cell.name, key)]
-                if main is not None:
-                    waiting.setdefault((main, key), []).append(cell)
-                    recorded = _read_runs(args.results / f"{main}.json").get(key)
-                    if recorded is not None:
-                        record_twins(main, key, recorded)
-                    continue
-                future = pool.submit(runner.student_run, cell, ready, method, seed, jobs(cell), start)
-                running[future] = (cell, key)
-            if not running:
-                break
-            preparing = {f for f in prepared.values() if not f.done()}
-            done, _ = wait({*running, *preparing}, return_when=FIRST_COMPLETED)
-            for future in done & running.keys():
-                cell, key = running.pop(future)
-                entry = future.result()
-                longest = max(longest, entry["wall_seconds"])
-                record(args.results, cell, prepared[cell.name].result()["context"], key, entry, info)
-                print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe "
-                      f"{100 * entry['probe_test_acc']:.2f} %, {entry['wall_seconds']:.0f} s "
-                      f"({describe(time_split(entry))})", flush=True)
-                record_twins(cell.name, key, entry)
-                later = [c for c, *_ in todo] + [c for c, _ in running.values()]
-                if args.drop_caches and all(runner.cache_dir(c) != runner.cache_dir(cell) for c in later):
-                    shutil.rmtree(runner.cache_dir(cell))  # the full regime's caches fill a 64 GB disk
-    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+    chunk = Chunk(runner, todo, args.results, info, args.jobs, grid.get("max_jobs", {}), args.budget_s,
+                  args.drop_caches)
+    chunk.run()
+    print(f"done in {time.perf_counter() - chunk.start:.0f} s", flush=True)
     return 0
 
 
