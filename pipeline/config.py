@@ -6,13 +6,16 @@ Kept free of torch so that commands can validate params (and print `--help`) ins
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
                       field_validator)
 
 from pipeline.errors import InputError
+
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeding range
 
 
 class Section(BaseModel):
@@ -154,7 +157,7 @@ class ExportParams(Section):
     run: Optional[str] = Field(None, description="student run to export (runs/student-<run>, e.g. ours-s0); "
                                                  "null: the first of `methods` with the first of `seeds`")
     head: Literal["student", "probe"] = Field("student", description="the head trained with the student or the probe")
-    opset: int = Field(18, ge=17, le=23, description="ONNX opset, pinned")
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset, pinned (torch's exporter writes 18 and up)")
     batch_sizes: list[PositiveInt] = Field([1, 7, 256], min_length=1,
                                            description="parity-gate batch sizes (1, odd, large)")
     small_batch_images: PositiveInt = Field(500, description="test images checked at each batch size but the "
@@ -164,10 +167,18 @@ class ExportParams(Section):
 
 
 class Params(Section):
-    seed: int = Field(0, description="seed for subsets, initialisation, shuffling and augmentation")
-    seeds: list[int] = Field([0], min_length=1, description="student seeds (dvc.yaml's matrix expands them)")
+    seed: Seed = Field(0, description="seed for subsets, initialisation, shuffling and augmentation")
+    seeds: list[Seed] = Field([0], min_length=1, description="student seeds (dvc.yaml's matrix expands them)")
     methods: list[Literal[METHOD_NAMES]] = Field(["ours", "ce"], min_length=1,
                                                  description="student methods trained by `dvc repro`")
+
+    @field_validator("seeds", "methods")
+    @classmethod
+    def each_once(cls, runs: list) -> list:
+        repeated = sorted({str(r) for r in runs if runs.count(r) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed twice: each run is trained once")
+        return runs
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
     score: ScoreParams = ScoreParams()
@@ -179,6 +190,8 @@ class Params(Section):
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    if "" in key.split("."):
+        raise InputError(f"override {key!r}: an empty part in the dotted key")
     *parents, leaf = key.split(".")
     node = tree
     for part in parents:

@@ -101,7 +101,32 @@ def read_metadata(path: str | Path) -> dict:
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("producer") != PRODUCER:
         raise InputError(f"{path} was not exported by this pipeline (no {PRODUCER} metadata)")
-    return {**meta, "classes": json.loads(meta["classes"]), "image_shape": json.loads(meta["image_shape"])}
+    try:
+        classes, image_shape = json.loads(meta["classes"]), json.loads(meta["image_shape"])
+    except (KeyError, ValueError) as err:
+        raise InputError(f"{path}: damaged metadata ({type(err).__name__}: {err})") from None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise InputError(f"{path}: damaged metadata (classes {meta['classes']})")
+    if not (isinstance(image_shape, list) and len(image_shape) == 3
+            and all(isinstance(n, int) and n > 0 for n in image_shape)):
+        raise InputError(f"{path}: damaged metadata (image_shape {meta['image_shape']}, not [H, W, C])")
+    _check_graph(proto.graph, path, image_shape, len(classes))
+    return {**meta, "classes": classes, "image_shape": image_shape}
+
+
+def _check_graph(graph, path, image_shape: list[int], classes: int) -> None:
+    """The graph takes `images` (N, H, W, C) and gives `logits` (N, classes), as the metadata says."""
+    def dims(values, name: str) -> list[int] | None:  # 0 for a dynamic axis
+        found = [v for v in values if v.name == name]
+        return [d.dim_value for d in found[0].type.tensor_type.shape.dim] if found else None
+
+    images, logits = dims(graph.input, "images"), dims(graph.output, "logits")
+    if images is None or logits is None:
+        raise InputError(f"{path}: the graph has no 'images' input or 'logits' output")
+    if len(images) != 4 or any(d not in (0, want) for d, want in zip(images[1:], image_shape)):
+        raise InputError(f"{path}: the graph's input is {images}, its metadata says images of {image_shape}")
+    if len(logits) != 2 or logits[1] not in (0, classes):
+        raise InputError(f"{path}: the graph gives logits {logits}, its metadata names {classes} classes")
 
 
 def gate_images(images: np.ndarray, batch_sizes: list[int], small_batch_images: int) -> dict[int, np.ndarray]:

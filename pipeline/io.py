@@ -9,6 +9,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -27,15 +28,38 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = ()) -> None:
+def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = (), stage: str | None = None) -> None:
     """Refuse, before any work, outputs that cannot be written: a file path that is a folder, a folder path that is
-    a file, or a path below a file (else one output of a stage could replace its old self before another failed)."""
+    a file, a path below a file or in a folder this process cannot write (else one output of a stage could replace
+    its old self before another failed), or, for `stage`, a folder holding another stage's outputs."""
     for path, is_folder in [*((Path(f), False) for f in files), *((Path(d), True) for d in folders)]:
         if path.exists() and path.is_dir() != is_folder:
             raise InputError(f"output {path} is a {'file' if is_folder else 'folder'}")
         nearest = next((p for p in path.parents if p.exists()), None)
         if nearest is not None and not nearest.is_dir():
             raise InputError(f"output {path}: {nearest} is a file")
+        for folder in [nearest or Path.cwd(), *([path] if is_folder and path.exists() else [])]:
+            _check_writable(path, folder)
+        if stage is not None:
+            _check_not_another_stages(path if is_folder else path.parent, stage)
+
+
+def _check_writable(output: Path, folder: Path) -> None:
+    try:  # a real file, not os.access: root passes access() on read-only mounts and immutable folders
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"output {output}: cannot write in {folder} ({err.strerror})") from None
+
+
+def _check_not_another_stages(folder: Path, stage: str) -> None:
+    try:
+        owner = json.loads((folder / MANIFEST).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):  # none, or unreadable: nothing to protect from a mix-up
+        return
+    if owner not in (None, stage):
+        raise InputError(f"output {folder} holds the `{owner}` stage's outputs: not overwriting them with "
+                         f"`{stage}`'s (wrong --out?)")
 
 
 @contextlib.contextmanager
@@ -53,6 +77,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; put it in place of `path` only if the block succeeds."""
+    path = Path(path)
+    check_outputs(folders=(path,))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -44,7 +44,7 @@ def read_npy_images(path: Path) -> np.ndarray:
         array = array[..., None]  # grey images without their channel axis
     if array.ndim == 3:
         array = array[None]
-    if array.ndim != 4:
+    if array.ndim != 4 or 0 in array.shape:
         raise ValueError(f"shape {array.shape}: not an image or a stack of images")
     return array
 

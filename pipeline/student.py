@@ -172,6 +172,9 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     student_layers, teacher_layers = resolve_layers(params, spec.arch, teacher_spec.arch, selected)
     shape = (teacher_spec.in_chans, teacher_spec.image_size, teacher_spec.image_size)
     all_shapes = layer_shapes(teacher, shape)
+    beyond = [k for k in teacher_layers if k >= len(all_shapes)]
+    if beyond:
+        raise InputError(f"teacher layers {beyond}: teacher {teacher_spec.arch} has layers 0-{len(all_shapes) - 1}")
     teacher_shapes = [all_shapes[k] for k in teacher_layers]
     torch.manual_seed(seed)
     distiller = build_distiller(spec, params.method, student_layers, teacher_layers, teacher_shapes,

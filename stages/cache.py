@@ -30,7 +30,7 @@ def cache(
     from pipeline.teacher import load_teacher
     from pipeline.train import pick_device, prepare_model
 
-    check_outputs(folders=(out,))
+    check_outputs(folders=(out,), stage="cache")
 
     prepared = load_prepared(data)
     model, spec, teacher_id = load_teacher(teacher_dir, prepared)

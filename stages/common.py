@@ -23,7 +23,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def guarded(fn: Callable) -> Callable:
-    """Turn the library's input and training errors into one line on stderr and a non-zero exit code."""
+    """Turn the library's input and training errors, and the system's I/O errors, into one line on stderr and a
+    non-zero exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,7 +34,7 @@ def guarded(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except InputError as err:
             fail(str(err), 2)
-        except RunError as err:
+        except (RunError, OSError) as err:  # OSError, e.g. a full disk: what was written is refused by checksum
             fail(str(err), 1)
 
     return wrapper
@@ -146,10 +147,12 @@ class TaskProgress(_Bars):
 
 
 class Live:
-    """dvclive logger for per-epoch curves (`dvc plots show` renders its TSV files)."""
+    """dvclive logger for per-epoch curves (`dvc plots show` renders its TSV files), written beside `path` and put
+    in its place only when training succeeds: a failed run keeps the last good run's curves."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.folder = contextlib.ExitStack()
 
     def __enter__(self):
         try:
@@ -158,12 +161,16 @@ class Live:
             print("dvclive not installed: per-epoch curves are kept in the output manifest only", file=sys.stderr)
             self.live = None
             return self
-        self.live = DvcLive(str(self.path), save_dvc_exp=False, dvcyaml=None, report=None)
+        from pipeline.io import atomic_dir
+
+        tmp = self.folder.enter_context(atomic_dir(self.path))
+        self.live = DvcLive(str(tmp), save_dvc_exp=False, dvcyaml=None, report=None)
         return self
 
     def __exit__(self, *exc):
         if self.live:
             self.live.end()
+        return self.folder.__exit__(*exc)
 
     def log(self, row: dict) -> None:
         if not self.live:

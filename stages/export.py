@@ -26,7 +26,7 @@ def export(
     from pipeline.export import export_student
     from pipeline.io import check_outputs, file_digest, write_json, write_manifest
 
-    check_outputs(out, metrics, out.parent / "manifest.json")
+    check_outputs(out, metrics, out.parent / "manifest.json", stage="export")
 
     prepared = load_prepared(data)
     run = p.run or f"{cfg.methods[0]}-s{cfg.seeds[0]}"

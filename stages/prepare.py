@@ -23,7 +23,7 @@ def prepare(
     from pipeline.prepare import save_prepared, transform
     from pipeline.sources import read_source
 
-    check_outputs(folders=(out,))
+    check_outputs(folders=(out,), stage="prepare")
 
     raw = read_source(p.source, p.root, p.cache_dir, p.image_size, p.channels, p.test_fraction, cfg.seed,
                       p.resize_mode)

@@ -29,7 +29,7 @@ def probe(
     from pipeline.student import load_student_dir, training_data
     from pipeline.train import pick_device
 
-    check_outputs(metrics, folders=(out,))
+    check_outputs(metrics, folders=(out,), stage="probe")
 
     prepared = load_prepared(data)
     distiller, _, student_id = load_student_dir(student_dir, prepared)

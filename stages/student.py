@@ -35,7 +35,7 @@ def student(
     from pipeline.student import needs_teacher, resolve_layers, save_student, train_student
     from pipeline.teacher import load_teacher
 
-    check_outputs(metrics, folders=(out, live_dir, resume_dir))
+    check_outputs(metrics, folders=(out, live_dir, resume_dir), stage="student")
 
     distributed.init_from_env()
     prepared = load_prepared(data)

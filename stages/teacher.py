@@ -29,7 +29,7 @@ def teacher(
     from pipeline.io import check_outputs, file_digest, hash_obj, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher
 
-    check_outputs(metrics, folders=(out, live_dir, resume_dir))
+    check_outputs(metrics, folders=(out, live_dir, resume_dir), stage="teacher")
 
     distributed.init_from_env()
     prepared = load_prepared(data)

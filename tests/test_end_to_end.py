@@ -168,6 +168,16 @@ def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
     result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(repo / "models/export/model.onnx"),
                                       "--out", str(tmp_path)])
     assert result.exit_code == 2 and f"output {tmp_path} is a folder" in result.output
+    for name, edit, message in (
+            ("no-classes", lambda meta: meta.pop("classes"), "damaged metadata (KeyError: 'classes')"),
+            ("bad-json", lambda meta: meta.update(classes="[a"), "damaged metadata (JSONDecodeError"),
+            ("2d", lambda meta: meta.update(image_shape="[32, 32]"), "damaged metadata (image_shape [32, 32], not"),
+            ("two-classes", lambda meta: meta.update(classes='["a", "b"]'), "metadata names 2 classes"),
+            ("other-size", lambda meta: meta.update(image_shape="[28, 28, 1]"), "metadata says images of [28,")):
+        path = _with_metadata(repo / "models/export/model.onnx", tmp_path / f"{name}.onnx", edit)
+        result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(path)])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {path}: ") and message in result.output
+        assert result.output.count("\n") == 1, result.output
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "empty"), "--model",
                                       str(repo / "models/export/model.onnx")])
@@ -175,6 +185,21 @@ def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
     result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(repo / "models/export/model.onnx"),
                                       "--out", str(tmp_path / "p.txt")])
     assert result.exit_code == 2 and "write .csv or .json" in result.output and not (tmp_path / "p.txt").exists()
+
+
+def _with_metadata(source, path, edit):
+    """A copy of the exported model with its metadata changed by `edit(dict)`."""
+    import onnx
+
+    proto = onnx.load(str(source))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    edit(meta)
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(proto, str(path))
+    return path
 
 
 def test_failed_parity_gate_leaves_no_file(repo, tmp_path):

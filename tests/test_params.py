@@ -111,6 +111,13 @@ def test_override_without_key_value(item):
         load_params(None, [item])
 
 
+@pytest.mark.parametrize("item", [".seed=1", "teacher..train=1", "teacher.=1"])
+def test_override_with_an_empty_part_is_named(item):
+    with pytest.raises(InputError) as err:
+        load_params(None, [item])
+    assert str(err.value) == f"override {item.partition('=')[0]!r}: an empty part in the dotted key"
+
+
 def test_override_into_a_scalar(tmp_path):
     with pytest.raises(InputError, match="override seed.x: seed is not a section"):
         load_params(write(tmp_path, "seed: 3\n"), ["seed.x=1"])
@@ -165,6 +172,11 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     ("probe:\n  weight_decays: []\n", "params: probe.weight_decays: List should have at least 1 item"),
     ("probe:\n  weight_decays: [-1.0]\n", "params: probe.weight_decays.0: Input should be greater than or"),
     ("prepare: 5\n", "params: prepare: Input should be a valid dictionary"),
+    ("seed: -1\n", "params: seed: Input should be greater than or equal to 0"),
+    ("seeds: [0, 4294967296]\n", "params: seeds.1: Input should be less than or equal to 4294967295"),
+    ("seeds: [0, 1, 0]\n", "params: seeds: 0 listed twice: each run is trained once"),
+    ("methods: [ours, ce, ours]\n", "params: methods: ours listed twice: each run is trained once"),
+    ("export:\n  opset: 17\n", "params: export.opset: Input should be greater than or equal to 18"),
 ])
 def test_wrong_type(tmp_path, text, message):
     with pytest.raises(InputError) as err:

@@ -66,6 +66,9 @@ def test_npy_arrays_of_other_types_or_ranks_are_refused(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((2, 32, 32, 1), np.float32))
     with pytest.raises(ValueError, match="dtype float32, the model needs uint8"):
         read_npy_images(tmp_path / "f.npy")
+    np.save(tmp_path / "e.npy", np.zeros((1, 0, 0, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"shape \(1, 0, 0, 1\): not an image or a stack of images"):
+        read_npy_images(tmp_path / "e.npy")
     np.save(tmp_path / "r.npy", np.zeros((2, 2, 32, 32, 1), np.uint8))
     with pytest.raises(ValueError, match=r"shape \(2, 2, 32, 32, 1\): not an image or a stack of images"):
         read_npy_images(tmp_path / "r.npy")

@@ -293,6 +293,7 @@ def test_device_made_teacher_features_match_the_cache(pipe):
     layers = json.loads((pipe / "scores/selection.json").read_text())["layers"]
     cached, cached_logits, manifest = load_cache(pipe / "cache", teacher_id, data.data_id, layers)
     feats, logits, extra = _device_cache(teacher, data, layers, torch.device("cpu"), 1024, channel_stats=True)
+    assert len(feats) == len(cached) == len(layers)
     for a, b in zip(feats, cached):
         assert a.dtype == torch.float16 and torch.allclose(a.float(), torch.from_numpy(np.array(b)).float(),
                                                            rtol=2e-3, atol=1e-3)
@@ -306,6 +307,8 @@ def test_device_made_teacher_features_match_the_cache(pipe):
         assert a["loss_feature"] == pytest.approx(b["loss_feature"], rel=1e-3)
     params = load_params(pipe / "params.yaml", ["student.teacher_features=device"])
     assert layers_to_cache(["ours", "base_fkd"], params.student, "resnet9", "resnet34", layers) == []
+    with pytest.raises(InputError, match=r"^teacher layers \[18, 30\]: teacher resnet34 has layers 0-17$"):
+        _train(pipe, "ours", epochs=1, teacher_features="device", teacher_layers="[0,1,18,30]")
 
 
 def test_distribution_aware_alignment_standardizes_targets(pipe):

@@ -57,12 +57,18 @@ def test_same_seed_same_result_on_cpu(workdir):
 
 
 def test_adopts_given_checkpoint_and_scores_it(workdir):
-    assert run_teacher().exit_code == 0
+    first_run = run_teacher()
+    assert first_run.exit_code == 0 and "epoch 1/3" in first_run.output
     trained = json.loads((workdir / "m.json").read_text())
     result = run_teacher("-S", "teacher.checkpoint=teacher/model.pt", "--out", "adopted")
     assert result.exit_code == 0, result.output
     adopted = json.loads((workdir / "m.json").read_text())
     assert adopted["test_acc"] == pytest.approx(trained["test_acc"])
+    assert json.loads((workdir / "adopted/manifest.json").read_text())["history"] == []  # scored, not trained
+    assert "epoch 1/3" not in result.output
+    first, second = (torch.load(workdir / f"{d}/model.pt", weights_only=True)["state_dict"]
+                     for d in ("teacher", "adopted"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_bad_checkpoints_exit_2_and_keep_outputs(workdir):
@@ -114,3 +120,36 @@ def test_nan_loss_exits_nonzero_with_one_line(workdir):
     assert result.exit_code == 1
     assert "non-finite training loss" in result.output
     assert not (workdir / "teacher/model.pt").exists()
+
+
+def test_a_failed_run_keeps_the_last_good_runs_curves(workdir):
+    assert run_teacher().exit_code == 0
+    before = {p.relative_to(workdir): p.read_bytes() for p in (workdir / "live").rglob("*") if p.is_file()}
+    assert workdir / "live/plots/metrics/test_acc.tsv" in {workdir / p for p in before}
+    assert run_teacher("-S", "teacher.train.lr=1e30").exit_code == 1
+    after = {p.relative_to(workdir): p.read_bytes() for p in (workdir / "live").rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in workdir.iterdir() if p.name.startswith(".live")) == []
+
+
+def test_outputs_onto_another_stages_folder_or_an_unwritable_one_are_refused_before_training(workdir, monkeypatch):
+    manifest = (workdir / "data/manifest.json").read_bytes()
+    result = runner.invoke(app, ["teacher", "--data", "data", "--out", "data", "--metrics", "m.json"])
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: output data holds the `prepare` stage's outputs: not overwriting them with `teacher`'s (wrong --out?)")
+    assert (workdir / "data/manifest.json").read_bytes() == manifest and not (workdir / "data/model.pt").exists()
+
+    import tempfile
+
+    real = tempfile.TemporaryFile
+    (workdir / "locked").mkdir()
+
+    def refuse_locked(*args, dir=None, **kwargs):  # the system's answer in a read-only folder (root passes chmod)
+        if dir is not None and dir.name == "locked":
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse_locked)
+    result = run_teacher("--metrics", "locked/m.json")
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: output locked/m.json: cannot write in locked (Operation not permitted)")
+    assert not (workdir / "teacher").exists() and not (workdir / "live").exists()
