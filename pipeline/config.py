@@ -116,9 +116,10 @@ class StudentParams(Section):
     method: Literal[METHOD_NAMES] = Field("ours", description="loss composition, see `pipeline/distill.py` METHODS")
     model: StudentModelParams = StudentModelParams()
     train: RecipeParams = RecipeParams(lr=0.05)
-    peak_lr: Literal["lr", "max_lr"] = Field(
-        "lr", description="OneCycle peak: train.lr (what the reference code ran: 0.05 for KD students) or max_lr "
-                          "(the reference configs' MaxLR field, printed but never used by its optimizer)")
+    peak_lr: Literal["lr", "reference", "max_lr"] = Field(
+        "lr", description="peak learning rate: train.lr; reference: what the reference code ran for this student and "
+                          "method (0.05 for ResNet-9/MobileNetV2 KD students, else 0.01; plain `ce` students 0.01); "
+                          "or max_lr (the reference configs' MaxLR field, printed but never used by its optimizer)")
     max_lr: float = Field(0.0075, gt=0, description="peak when peak_lr is max_lr")
     student_layers: Optional[list[NonNegativeInt]] = Field(
         None, description="distilled student layers (numbered from 0); null: standard list")

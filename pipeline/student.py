@@ -44,6 +44,15 @@ def resolve_layers(params: StudentParams, student_arch: str, teacher_arch: str,
     return sorted(student), sorted(teacher)
 
 
+def peak_lr(params: StudentParams, arch: str) -> float:
+    """The learning rate `params.peak_lr` names; "reference" is the reference code's `LearningRate` AS CODED."""
+    if params.peak_lr == "max_lr":
+        return params.max_lr
+    if params.peak_lr == "reference":
+        return 0.05 if needs_teacher(params.method) and arch in ("resnet9", "mobilenetv2") else 0.01
+    return params.train.lr
+
+
 def layers_to_cache(methods: list[str], params: StudentParams, student_arch: str, teacher_arch: str,
                     selected: list[int]) -> list[int]:
     """Every teacher layer that one of `methods` distils from (the cache stage stores exactly these).
@@ -199,9 +208,7 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
         t_feats, t_logits = targets(ids, x)
         return model(x, y, t_feats, t_logits)
 
-    recipe = params.train
-    if params.peak_lr == "max_lr":
-        recipe = recipe.model_copy(update={"lr": params.max_lr})
+    recipe = params.train.model_copy(update={"lr": peak_lr(params, spec.arch)})
     train, test = device_splits(data, device)
     setup_seconds = time.perf_counter() - start
     state = fit(distiller, train, test, recipe, seed, resume_path, resume_key, step_loss=step_loss, **callbacks)

@@ -468,3 +468,18 @@ def test_cache_too_big_for_memory_is_read_from_the_memory_map(pipe):
     ids = torch.tensor([7, 0, 95, 7])
     for a, b in zip(resident(ids, None)[0] + [resident(ids, None)[1]], mapped(ids, None)[0] + [mapped(ids, None)[1]]):
         assert torch.equal(a, b)
+
+
+def test_reference_peak_lr_is_the_reference_codes_per_student_and_method(pipe):
+    from pipeline.student import peak_lr
+
+    cases = {("ours", "resnet9"): 0.05, ("base_fkd", "mobilenetv2"): 0.05, ("ce", "resnet9"): 0.01,
+             ("ours", "vgg11_bn"): 0.01, ("vkd", "vit_ett"): 0.01}
+    for (method, arch), lr in cases.items():
+        params = load_params(None, [f"student.method={method}", "student.peak_lr=reference", "student.train.lr=0.3"])
+        assert peak_lr(params.student, arch) == lr
+    assert peak_lr(load_params(None, ["student.train.lr=0.3"]).student, "resnet9") == 0.3
+    _, _, reference = _train(pipe, "ours", epochs=1, peak_lr="reference", **{"train.lr": 0.01})
+    _, _, explicit = _train(pipe, "ours", epochs=1, **{"train.lr": 0.05})
+    _, _, lower = _train(pipe, "ours", epochs=1, **{"train.lr": 0.01})
+    assert reference[0]["train_loss"] == explicit[0]["train_loss"] != lower[0]["train_loss"]
