@@ -116,7 +116,10 @@ def test_timm_model_layers_from_feature_api():
 
 
 def test_timm_pretrained_offline_fails_fast(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, when the hub was imported
     with pytest.raises(InputError, match="cannot fetch pretrained weights for timm:resnet18"):
         build_model(ModelSpec("timm:resnet18", num_classes=10, pretrained=True))
 

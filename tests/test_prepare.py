@@ -51,7 +51,7 @@ def test_balanced_subset_class_too_small():
 
 
 def test_balanced_subset_smaller_than_class_count():
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="subset of 5 is smaller than the 10 classes"):
         balanced_subset(np.repeat(np.arange(10), 5), 5, seed=0)
 
 
@@ -191,7 +191,7 @@ def test_transform_label_out_of_range():
     raw = raw_data()
     raw.train_labels = raw.train_labels.copy()
     raw.train_labels[0] = 12  # e.g. a stray byte in an idx labels file
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"train labels span \d+\.\.12"):
         transform(raw, 32, "pad", None, None, None, seed=0)
 
 

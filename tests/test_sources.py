@@ -164,7 +164,7 @@ def test_not_gzip_and_truncated_gzip(fmnist):
 def test_truncated_idx_header(tmp_path):
     path = tmp_path / "short-idx3-ubyte"
     path.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">I", 30))  # says 3 dims, holds 1
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="idx header is truncated"):
         read_idx(path)
 
 
@@ -181,14 +181,14 @@ def test_corrupt_gzip_body(tmp_path):
         packed[i] ^= 0xFF
     path = tmp_path / "x-idx1-ubyte.gz"
     path.write_bytes(bytes(packed))
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="cannot read idx file"):
         read_idx(path)
 
 
 def test_labels_file_with_images_layout_is_refused(fmnist):
     root, (train, *_) = fmnist
     write_idx(root / "train-labels-idx1-ubyte", train)  # idx3 of 30 images where 30 labels belong
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"train images \(30, 28, 28\) do not match labels \(30, 28, 28\)"):
         read_fashion_mnist(root)
 
 
@@ -372,7 +372,7 @@ def test_cifar_archive_that_is_not_a_tar(tmp_path):
 def test_cifar_batch_without_data_key(tmp_path):
     folder, *_ = write_cifar10(tmp_path)
     dump(folder / "data_batch_1", {b"labels": [0, 1, 2, 3]})
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="data_batch_1 is not a CIFAR batch .needs keys data and labels."):
         read_cifar(tmp_path, "cifar10")
 
 

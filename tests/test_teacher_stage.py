@@ -31,7 +31,7 @@ def run_teacher(*extra):
 
 
 def test_trains_and_writes_checkpoint_metrics_curves(workdir):
-    result = run_teacher()
+    result = run_teacher("-S", "teacher.train.resume_every_s=0")  # a resume checkpoint after every epoch
     assert result.exit_code == 0, result.output
     model, spec, info = load_model(workdir / "teacher/model.pt")
     assert spec.arch == "resnet9" and spec.num_classes == 3 and spec.in_chans == 1 and spec.image_size == 8
@@ -45,7 +45,8 @@ def test_trains_and_writes_checkpoint_metrics_curves(workdir):
     assert manifest["history"][-1]["test_acc"] == metrics["test_acc"]
     curve = (workdir / "live/plots/metrics/test_acc.tsv").read_text().splitlines()
     assert len(curve) == 4  # header + one row per epoch
-    assert not (workdir / ".kd-resume").exists() or not any((workdir / ".kd-resume").iterdir())
+    assert all(row["checkpoint_seconds"] > 0 for row in manifest["history"])
+    assert (workdir / ".kd-resume").is_dir() and not any((workdir / ".kd-resume").iterdir())  # removed on success
 
 
 def test_same_seed_same_result_on_cpu(workdir):
