@@ -331,7 +331,7 @@ def test_distribution_aware_alignment_standardizes_targets(pipe):
     assert summary["epochs"] == 1
 
 
-def test_student_stage_resume_and_outputs(pipe, tmp_path):
+def test_student_stage_outputs_and_a_failed_run_keeping_them(pipe, tmp_path):
     out = ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "m.json"), "--live-dir", str(tmp_path / "l"),
            "--resume-dir", str(tmp_path / "r")]
     result = run_stage(pipe, "student", *out)
@@ -345,8 +345,10 @@ def test_student_stage_resume_and_outputs(pipe, tmp_path):
     distiller, _, _ = load_student_dir(tmp_path / "s", load_prepared(pipe / "data"))
     assert distiller.method == "ours" and distiller.teacher_layers == selected
 
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "r" not in p.relative_to(tmp_path).parts}
     result = run_stage(pipe, "student", *out, "-S", "student.train.lr=1e30")
     assert result.exit_code == 1 and "non-finite training loss" in result.output
+    assert {p: p.read_bytes() for p in kept} == kept  # model, metrics and curves of the good run
 
     with torch.no_grad():  # a student whose weights went NaN gets no probe (it used to get a NaN one)
         next(distiller.parameters()).fill_(float("nan"))
