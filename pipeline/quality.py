@@ -67,8 +67,9 @@ def efficiency_ratio(gram: torch.Tensor, norms: torch.Tensor, masks: torch.Tenso
     return (2 * dmin.mean() / mean_norm).item()
 
 
-def class_spectra(feats_b: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
-    """Explained-variance ratios of each centred class, descending, zero-padded to W = max class size: (C, W)."""
+def class_spectra(feats_b: torch.Tensor, labels_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explained-variance ratios of each centred class, descending, zero-padded to W = max class size: (C, W); and
+    how many of each row are not padding, min(n_c, D) (what an SVD returns): (C,)."""
     masks = _class_masks(labels_b)
     width = int(masks.sum(1).max())
     out = torch.zeros(len(masks), width, dtype=feats_b.dtype, device=feats_b.device)
@@ -77,11 +78,13 @@ def class_spectra(feats_b: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor
         small = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x  # same non-zero eigenvalues, smaller side
         eig = torch.linalg.eigvalsh(small).clamp_min(0).flip(0)[:width]
         out[c, :len(eig)] = eig / eig.sum()
-    return out
+    return out, torch.minimum(masks.sum(1), torch.tensor(feats_b.shape[1])).to(out.device)
 
 
-def information(spectra: torch.Tensor, mean_min_intra: float, mode: str) -> tuple[float, float, int]:
-    """I = (1 - mean_c MinIntra_c) * mean_c H_c / normaliser; returns (I, mean entropy, M)."""
+def information(spectra: torch.Tensor, lengths: torch.Tensor, mean_min_intra: float,
+                mode: str) -> tuple[float, float, int]:
+    """I = (1 - mean_c MinIntra_c) * mean_c H_c / normaliser; returns (I, mean entropy, M). `lengths`: the
+    non-padding ratios of each row of `spectra` (`class_spectra`)."""
     width = spectra.shape[1]
     cum = spectra.cumsum(1)
     # m_c: fewest leading ratios whose sum reaches 95 %, capped at W - 1 (the reference's loop bound)
@@ -97,6 +100,8 @@ def information(spectra: torch.Tensor, mean_min_intra: float, mode: str) -> tupl
     q = q / q.sum(1, keepdim=True)
     entropy = -(q * q.log()).sum(1)
     entropy = torch.nan_to_num(entropy, nan=0.0)
+    if mode == "reference":  # its float32 spectra underflow the guard: a padding zero among the M ratios is 0 * log 0
+        entropy[lengths.to(entropy.device) < kept] = 0.0  # = NaN, set to 0 (padding, not the Gram's clamped zeros)
     mean_entropy = entropy.mean().item()
     return (1 - mean_min_intra) * mean_entropy / normaliser, mean_entropy, kept
 
@@ -137,7 +142,7 @@ def layer_quality(feats_a: torch.Tensor, labels_a: torch.Tensor, feats_b: torch.
     del gram
     K = (n_train / math.pi) ** (1 / r)
     E = ratio * K
-    I, mean_entropy, M = information(class_spectra(feats_b.to(dtype), labels_b.to(feats_b.device)),
+    I, mean_entropy, M = information(*class_spectra(feats_b.to(dtype), labels_b.to(feats_b.device)),
                                      mean_min_intra, mode)
     sqrt_ie = math.sqrt(max(I * E, 0.0))
     return LayerQuality(S=S, I=I, E=E, Q=S + sqrt_ie, sqrtIE=sqrt_ie, mean_min_intra=mean_min_intra,

@@ -53,9 +53,10 @@ def numpy_quality(fa, ya, fb, yb, n_train, mode):
         M, normaliser = max(1, round(np.mean(m))), math.log(W)
         r = np.linalg.matrix_rank(fa - fa.mean(0))
     q = P[:, :M].copy()
-    q[q == 0] = 1e-127
+    q[q == 0] = np.float32(1e-127) if mode == "reference" else 1e-127  # the reference's spectra are float32: 0
     q /= q.sum(1, keepdims=True)
-    H = np.nan_to_num(-(q * np.log(q)).sum(1), nan=0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        H = np.nan_to_num(-(q * np.log(q)).sum(1), nan=0.0)
     I = (1 - np.mean(min_intra)) * H.mean() / normaliser
     E = 2 * np.mean(dmin) / np.mean(class_norm) * (n_train / math.pi) ** (1 / r)
     return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E), "M": M, "r": r}
