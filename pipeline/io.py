@@ -32,14 +32,16 @@ def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = (), stag
     """Refuse, before any work, outputs that cannot be written: a file path that is a folder, a folder path that is
     a file, a path below a file or in a folder this process cannot write (else one output of a stage could replace
     its old self before another failed), or, for `stage`, a folder holding another stage's outputs."""
+    writable: set[Path] = set()
     for path, is_folder in [*((Path(f), False) for f in files), *((Path(d), True) for d in folders)]:
         if path.exists() and path.is_dir() != is_folder:
             raise InputError(f"output {path} is a {'file' if is_folder else 'folder'}")
         nearest = next((p for p in path.parents if p.exists()), None)
         if nearest is not None and not nearest.is_dir():
             raise InputError(f"output {path}: {nearest} is a file")
-        for folder in [nearest or Path.cwd(), *([path] if is_folder and path.exists() else [])]:
+        for folder in {nearest or Path.cwd(), *([path] if is_folder and path.exists() else [])} - writable:
             _check_writable(path, folder)
+            writable.add(folder)
         if stage is not None:
             _check_not_another_stages(path if is_folder else path.parent, stage)
 
