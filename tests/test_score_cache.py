@@ -173,17 +173,36 @@ def test_cache_round_trip_and_refusals(trained):
         load_cache(trained / "cache", teacher_id, data.data_id, layers)
 
 
-def test_killed_cache_leaves_no_complete_looking_array(trained, tmp_path):
+def test_a_killed_cache_leaves_no_partial_file_and_nothing_the_student_accepts(trained, tmp_path, monkeypatch):
+    import os
+
     data = load_prepared(trained / "data")
-    model, _, _ = load_teacher(trained / "teacher", data)
+    model, _, teacher_id = load_teacher(trained / "teacher", data)
 
     def kill(n):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # while gathering: nothing is written yet
         write_cache(model, data, [3, 7], torch.device("cpu"), 40, tmp_path / "c", on_batch=kill)
-    # nothing, not even a temporary file, is left behind
     assert not (tmp_path / "c").exists() or list((tmp_path / "c").iterdir()) == []
+
+    renames, rename = [], os.replace
+
+    def killed_at_second_rename(src, dst):  # killed once the second file is written, before it is in place
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(model, data, [3, 7], torch.device("cpu"), 40, tmp_path / "c")
+    monkeypatch.undo()
+    left = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert left == [os.path.basename(renames[0])]  # the one complete file, no temporary of the second
+    assert len(np.load(tmp_path / "c" / left[0])) == len(data.train_labels)
+    with pytest.raises(InputError, match="has no manifest.json: run the `cache` stage first"):
+        load_cache(tmp_path / "c", teacher_id, data.data_id, [3, 7])
 
 
 def test_cache_refuses_scores_of_another_teacher(trained):
