@@ -485,3 +485,12 @@ def test_reference_peak_lr_is_the_reference_codes_per_student_and_method(pipe):
     _, _, explicit = _train(pipe, "ours", epochs=1, **{"train.lr": 0.05})
     _, _, lower = _train(pipe, "ours", epochs=1, **{"train.lr": 0.01})
     assert reference[0]["train_loss"] == explicit[0]["train_loss"] != lower[0]["train_loss"]
+
+
+def test_loss_weights_come_from_their_own_params():
+    from pipeline.student import loss_weights
+
+    params = load_params(None, ["student.ce_weight=2", "student.kl_weight=3", "student.kl_tau=5",
+                                "student.feature_weight=7", "student.relation_weight=11"])
+    assert loss_weights(params.student) == LossWeights(ce=2, kl=3, tau=5, feature=7, relation=11)
+    assert loss_weights(load_params(None, []).student) == LossWeights()  # the paper's: CE 1, KL 16 at tau 4
