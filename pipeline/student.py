@@ -16,7 +16,7 @@ from pipeline.config import StudentParams
 from pipeline.data import Prepared
 from pipeline.distill import METHODS, Distiller, LossWeights
 from pipeline.errors import InputError
-from pipeline.layers import LayerChain, layer_shapes
+from pipeline.layers import LayerChain, layer_shapes, layer_view
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
 from pipeline.teacher import device_splits, spec_for
 from pipeline.train import autocast, fit, pick_device, prepare_model, summarise
@@ -180,11 +180,8 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     spec = spec_for(params.model, data)
     student_layers, teacher_layers = resolve_layers(params, spec.arch, teacher_spec.arch, selected)
     shape = (teacher_spec.in_chans, teacher_spec.image_size, teacher_spec.image_size)
-    all_shapes = layer_shapes(teacher, shape)
-    beyond = [k for k in teacher_layers if k >= len(all_shapes)]
-    if beyond:
-        raise InputError(f"teacher layers {beyond}: teacher {teacher_spec.arch} has layers 0-{len(all_shapes) - 1}")
-    teacher_shapes = [all_shapes[k] for k in teacher_layers]
+    all_shapes, teacher_view = layer_shapes(teacher, shape), layer_view(teacher)
+    teacher_shapes = [all_shapes[teacher_view.index(k)] for k in teacher_layers]  # index: one line if out of range
     torch.manual_seed(seed)
     distiller = build_distiller(spec, params.method, student_layers, teacher_layers, teacher_shapes,
                                 loss_weights(params), params.train.batch_size, teacher)

@@ -307,7 +307,7 @@ def test_device_made_teacher_features_match_the_cache(pipe):
         assert a["loss_feature"] == pytest.approx(b["loss_feature"], rel=1e-3)
     params = load_params(pipe / "params.yaml", ["student.teacher_features=device"])
     assert layers_to_cache(["ours", "base_fkd"], params.student, "resnet9", "resnet34", layers) == []
-    with pytest.raises(InputError, match=r"^teacher layers \[18, 30\]: teacher resnet34 has layers 0-17$"):
+    with pytest.raises(InputError, match=r"^layer 18 out of range: the model has 18 generalized layers \(0..17\)$"):
         _train(pipe, "ours", epochs=1, teacher_features="device", teacher_layers="[0,1,18,30]")
 
 
