@@ -29,7 +29,9 @@ def prepare(
                       p.resize_mode)
     data = transform(raw, p.image_size, p.resize_mode, p.channels, p.train_subset, p.test_subset, cfg.seed)
     meta, files = save_prepared(data, out)
-    write_manifest(out, "prepare", {"seed": cfg.seed, **p.model_dump()}, inputs={"source": p.source}, files=files)
+    # where the data lie is no part of what they are: moving them must not make every later stage run again
+    what = p.model_dump(exclude={"root", "cache_dir"})
+    write_manifest(out, "prepare", {"seed": cfg.seed, **what}, inputs={"source": p.source}, files=files)
     h, w, c = meta["image_shape"]
     typer.echo(f"prepared {p.source}: {meta['num_train']} train / {meta['num_test']} test images, "
                f"{h}x{w}x{c}, {meta['num_classes']} classes -> {out}")

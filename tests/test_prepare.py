@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -269,7 +270,7 @@ def test_prepare_stage_writes_arrays_meta_manifest(workdir):
     for name, digest in manifest["files"].items():
         assert digest == block_sha256((out / name).read_bytes()), name
     assert manifest["params"]["seed"] == 0 and manifest["params"]["train_subset"] == 20
-    assert manifest["params"]["root"] == str(tmp / "fmnist") and manifest["params"]["image_size"] == 32
+    assert manifest["params"]["image_size"] == 32 and "root" not in manifest["params"]
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
@@ -280,7 +281,10 @@ def test_prepare_stage_is_deterministic_and_seeded(workdir):
     a, b = snapshot(tmp / "a"), snapshot(tmp / "b")
     for name in (*ARRAY_FILES, "meta.json"):
         assert a[name] == b[name], name
-    assert json.loads(a["manifest.json"])["files"] == json.loads(b["manifest.json"])["files"]
+    assert a["manifest.json"] == b["manifest.json"]
+    shutil.copytree(tmp / "fmnist", tmp / "moved")  # the same data elsewhere: the same outputs, so nothing reruns
+    assert run_prepare("moved-out", "-S", f"prepare.root={tmp / 'moved'}").exit_code == 0
+    assert snapshot(tmp / "moved-out") == a
     assert run_prepare("c", "-S", "seed=1").exit_code == 0
     assert np.load(tmp / "c" / "train_images.npy").tobytes() != np.load(tmp / "a" / "train_images.npy").tobytes()
     assert json.loads((tmp / "c" / "manifest.json").read_text())["params"]["seed"] == 1
