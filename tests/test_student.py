@@ -19,7 +19,7 @@ from pipeline.losses import canonical
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
 from pipeline.probe import fit_probe, probe_student
 from pipeline.student import TeacherTargets, build_distiller, load_student_dir, train_student
-from pipeline.teacher import load_teacher
+from pipeline.teacher import device_splits, load_teacher
 from tiny import run_stage, tiny_pipeline
 
 
@@ -218,11 +218,13 @@ def pipe(tmp_path_factory):
     return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
-def _train(pipe, method, epochs=4, **kwargs):
+def _train(pipe, method, epochs=4, watch_teacher=None, **kwargs):
     params = load_params(pipe / "params.yaml", [f"student.method={method}", f"student.train.epochs={epochs}",
                                                 *[f"student.{k}={v}" for k, v in kwargs.items()]])
     data = load_prepared(pipe / "data")
     teacher, teacher_spec, teacher_id = load_teacher(pipe / "teacher", data)
+    if watch_teacher:
+        watch_teacher(teacher)
     selected = json.loads((pipe / "scores/selection.json").read_text())["layers"]
     layers = selected if METHODS[method].teacher_layers == "selected" else STANDARD_LAYERS["resnet34"]
     cache = load_cache(pipe / "cache", teacher_id, data.data_id, layers if METHODS[method].features else [])
@@ -283,6 +285,36 @@ def test_compiled_semckd_loss_matches_eager_on_a_float16_cache():
     compiled = torch.compile(distiller.losses)(x, y, feats, logits)[2]
     for name, value in eager.items():
         assert compiled[name].item() == pytest.approx(value.item(), rel=1e-4), name
+
+
+def test_augmented_training_runs_the_teacher_on_the_batches_the_student_sees(pipe):
+    """With augment no cache holds the targets: the teacher runs live on each augmented batch of the student."""
+    seen = {"teacher": [], "student": []}
+    teacher_stem = []
+
+    def record(module, args):  # the first convolutions of both networks take the (augmented) images
+        if isinstance(module, nn.Conv2d) and module.in_channels == 1 and len(args[0]) == 16:
+            seen["teacher" if module in teacher_stem else "student"].append(args[0].clone())
+
+    def watch(teacher):
+        teacher_stem.append(next(m for m in teacher.modules() if isinstance(m, nn.Conv2d)))
+
+    handle = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        _, _, augmented = _train(pipe, "ours", epochs=2, watch_teacher=watch, **{"train.augment": "true"})
+    finally:
+        handle.remove()
+    teacher_x, student_x = torch.cat(seen["teacher"]), torch.cat(seen["student"])
+    train, _ = device_splits(load_prepared(pipe / "data"), torch.device("cpu"))
+    assert len(teacher_x) == 2 * train.steps(16, drop_last=True) * 16
+    assert torch.equal(teacher_x, student_x)
+    plain = {img.numpy().tobytes() for _, x, _ in train.batches(len(train)) for img in x}
+    assert sum(img.numpy().tobytes() in plain for img in teacher_x) < len(teacher_x) / 2  # crops and flips
+    def losses(history):
+        return [(row["train_loss"], row["loss_feature"], row["test_loss"]) for row in history]
+
+    assert losses(_train(pipe, "ours", epochs=2, **{"train.augment": "true"})[2]) == losses(augmented)  # seeded
+    assert losses(_train(pipe, "ours", epochs=2)[2])[0] != losses(augmented)[0]
 
 
 def test_device_made_teacher_features_match_the_cache(pipe):

@@ -157,6 +157,16 @@ def test_backbone_lr_scale_and_recipes():
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.0005])
 
 
+def test_sgd_multistep_steps_once_per_epoch_inside_fit():
+    """Milestones count epochs: the weights move in epochs 1-2 and (gamma ~0 after milestone 2) stop in epoch 3."""
+    sgd = RECIPE.model_copy(update={"recipe": "sgd_multistep", "lr": 0.05, "milestones": [2], "gamma": 1e-30})
+    model, after = tiny_model(), []
+    fit(model, tiny_split(), tiny_split(seed=1), sgd, seed=0,
+        on_epoch=lambda row: after.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()])))
+    moved = [(b - a).abs().max().item() for a, b in zip(after, after[1:])]
+    assert moved[0] > 1e-3 and moved[1] < 1e-20, moved  # stepped per batch, it would stop inside epoch 1
+
+
 def test_onecycle_peaks_at_lr_and_ends_near_zero():
     model = tiny_model()
     opt = make_optimizer(model, RECIPE)
