@@ -363,6 +363,29 @@ def test_distribution_aware_alignment_standardizes_targets(pipe):
     assert summary["epochs"] == 1
 
 
+def test_simkd_student_exports_with_the_borrowed_teacher_classifier_inside(pipe, tmp_path):
+    import onnxruntime as ort
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    run = tmp_path / "runs/student-simkd-s0"
+    result = run_stage(pipe, "student", "-S", "student.method=simkd", "--out", str(run), "--metrics",
+                       str(tmp_path / "m.json"), "--live-dir", str(tmp_path / "l"), "--resume-dir", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    onnx_file = tmp_path / "m.onnx"
+    result = CliRunner().invoke(app, ["export", "-p", str(pipe / "params.yaml"), "--data", str(pipe / "data"),
+                                      "--runs", str(tmp_path / "runs"), "--out", str(onnx_file), "--metrics",
+                                      str(tmp_path / "e.json"), "-S", "export.run=simkd-s0",
+                                      "-S", "export.batch_sizes=[1,48]", "-S", "export.small_batch_images=5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e.json").read_text())["method"] == "simkd"
+    data = load_prepared(pipe / "data")
+    logits = ort.InferenceSession(str(onnx_file)).run(["logits"], {"images": data.test_images})[0]
+    accuracy = (logits.argmax(1) == data.test_labels).mean()  # the graph's, against the student stage's
+    assert accuracy == pytest.approx(json.loads((tmp_path / "m.json").read_text())["test_acc"], abs=1e-6)
+
+
 def test_student_stage_outputs_and_a_failed_run_keeping_them(pipe, tmp_path):
     out = ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "m.json"), "--live-dir", str(tmp_path / "l"),
            "--resume-dir", str(tmp_path / "r")]
