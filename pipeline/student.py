@@ -165,6 +165,23 @@ def _standardize(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
     return (f - mean.view(shape)) / std.view(shape)
 
 
+def teacher_inputs(params: StudentParams, teacher_arch: str, teacher_id: str, data: Prepared, scores_dir: Path,
+                   cache_dir: Path) -> tuple[list[int] | None, tuple | None]:
+    """The earlier stages' outputs the method reads: the selected layers (where it distils them and
+    `teacher_layers` does not name others) and the cache of the teacher layers it distils (none where the
+    teacher runs in the student stage: `teacher_features: device`, or augmented images)."""
+    from pipeline.cache import load_cache
+    from pipeline.selection import load_selection
+
+    selected = None
+    if METHODS[params.method].teacher_layers == "selected" and params.teacher_layers is None:
+        selected = load_selection(scores_dir, teacher_id)
+    if not needs_teacher(params.method) or params.train.augment or params.teacher_features != "cache":
+        return selected, None
+    _, teacher_layers = resolve_layers(params, params.model.arch, teacher_arch, selected)
+    return selected, load_cache(cache_dir, teacher_id, data.data_id, teacher_layers)
+
+
 def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.Module, teacher_spec: ModelSpec,
                   selected: list[int] | None, cache: tuple | None, resume_path: Path | None, resume_key: str,
                   **callbacks) -> tuple[Distiller, dict, list[dict]]:

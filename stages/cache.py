@@ -27,6 +27,7 @@ def cache(
     from pipeline.data import load_prepared
     from pipeline.io import check_outputs, write_manifest
     from pipeline.selection import load_selection
+    from pipeline.student import layers_to_cache
     from pipeline.teacher import load_teacher
     from pipeline.train import pick_device, prepare_model
 
@@ -34,8 +35,6 @@ def cache(
 
     prepared = load_prepared(data)
     model, spec, teacher_id = load_teacher(teacher_dir, prepared)
-    from pipeline.student import layers_to_cache
-
     selected = load_selection(scores, teacher_id)
     layers = layers_to_cache(cfg.methods, cfg.student, cfg.student.model.arch, spec.arch, selected)
     device = pick_device(p.device)

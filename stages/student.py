@@ -27,12 +27,9 @@ def student(
     cfg = load(params, overrides)
     p = cfg.student
     from pipeline import distributed
-    from pipeline.cache import load_cache
     from pipeline.data import load_prepared
-    from pipeline.distill import METHODS
     from pipeline.io import check_outputs, file_digest, hash_obj, write_json, write_manifest
-    from pipeline.selection import load_selection
-    from pipeline.student import needs_teacher, resolve_layers, save_student, train_student
+    from pipeline.student import save_student, teacher_inputs, train_student
     from pipeline.teacher import load_teacher
 
     check_outputs(metrics, folders=(out, live_dir, resume_dir), stage="student")
@@ -41,13 +38,7 @@ def student(
     prepared = load_prepared(data)
     teacher, teacher_spec, teacher_id = load_teacher(teacher_dir, prepared)
     train_data = prepared.train_subset(p.train_subset)
-    selected = None
-    if METHODS[p.method].teacher_layers == "selected" and p.teacher_layers is None:
-        selected = load_selection(scores, teacher_id)
-    cache = None
-    if needs_teacher(p.method) and not p.train.augment and p.teacher_features == "cache":  # else: made here
-        _, teacher_layers = resolve_layers(p, p.model.arch, teacher_spec.arch, selected)
-        cache = load_cache(cache_dir, teacher_id, train_data.data_id, teacher_layers)
+    selected, cache = teacher_inputs(p, teacher_spec.arch, teacher_id, train_data, scores, cache_dir)
     section = {"seed": cfg.seed, **p.model_dump()}
     key = hash_obj({"params": section, "data": prepared.data_id, "teacher": teacher_id})
     resume = resume_dir / f"student-{key}.pt"
