@@ -34,7 +34,7 @@ from typing import Callable
 
 import yaml
 
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, manifest_id, read_json, write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -218,6 +218,7 @@ class Runner:
                  "probe_fit_seconds": probe["fit_seconds"],
                  "student_stage_seconds": round(student_seconds, 1), "probe_stage_seconds": round(probe_seconds, 1),
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
+                 "teacher_id": manifest_id(read_json(folders["teacher"] / "manifest.json")),  # which training
                  "started_s": round(start - since, 1), "wall_seconds": round(time.perf_counter() - start, 1),
                  "jobs": jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
@@ -264,7 +265,9 @@ class Chunk:
         self.todo = list(todo)
         self.asked = [(cell, f"{method}-s{seed}") for cell, method, seed in todo]
         self.max_jobs, self.caps, self.budget_s, self.drop_caches = jobs, caps, budget_s, drop_caches
-        self.start, self.longest = time.perf_counter(), 0.0
+        self.start = time.perf_counter()
+        self.longest = recorded_wall_seconds(results)  # (regime, student) -> its longest run, recorded or here
+        self.failed: list[str] = []
         self.prepared: dict[str, Future] = {}  # cell name -> its folders and context
         self.running: dict[Future, tuple[Cell, str]] = {}
         self.twins: dict[tuple[str, str], str | None] = {}  # (cell, run) -> the main cell whose run it repeats
@@ -289,11 +292,9 @@ class Chunk:
         """Start runs in order while slots are free and the budget lasts; with runs going, stop at one whose cell
         is not prepared yet (with none going, wait for it)."""
         while self.todo and len(self.running) < self.jobs(self.todo[0][0]):
-            if time.perf_counter() - self.start + self.longest > self.budget_s:
-                print(f"budget: not starting {len(self.todo)} more runs", flush=True)
-                self.todo = []
-                return
             cell, method, seed = self.todo[0]
+            if self.over_budget(cell):
+                return
             folders = self.prepare(cell)
             # the next cell's scores and cache are made while this one's runs go (same teacher: it exists; a new
             # teacher is not started that the budget may leave unused)
@@ -302,8 +303,17 @@ class Chunk:
                 self.prepare(ahead)
             if self.running and not folders.done():
                 return
+            try:
+                ready = folders.result()
+            except StageFailed as error:  # the cell's runs cannot start; the other cells' still can
+                keys = [f"{m}-s{s}" for c, m, s in self.todo if c == cell]
+                self.fail(cell, ", ".join(keys), error)
+                self.todo = [item for item in self.todo if item[0] != cell]
+                continue
+            if self.over_budget(cell):  # again: making the cell's teacher, scores and cache took time too
+                return
             self.todo.pop(0)
-            key, ready = f"{method}-s{seed}", folders.result()
+            key = f"{method}-s{seed}"
             main = self.twins[(cell.name, key)]
             if main is None:
                 future = self.pool.submit(self.runner.student_run, cell, ready, method, seed, self.jobs(cell),
@@ -314,6 +324,20 @@ class Chunk:
             recorded = _read_runs(self.results / f"{main}.json").get(key)
             if recorded is not None:
                 self.record_twins(main, key, recorded)
+
+    def over_budget(self, cell: Cell) -> bool:
+        """Whether a run of `cell` started now would end past the budget, by the longest of its regime and student
+        (recorded or run here; none yet: the longest of any), and if so, no more runs are started."""
+        expected = self.longest.get((cell.regime, cell.student), max(self.longest.values(), default=0.0))
+        if time.perf_counter() - self.start + expected <= self.budget_s:
+            return False
+        print(f"budget: not starting {len(self.todo)} more runs", flush=True)
+        self.todo = []
+        return True
+
+    def fail(self, cell: Cell, what: str, error: Exception) -> None:
+        self.failed.append(f"{cell.name} {what}: {error}")
+        print(f"FAILED {self.failed[-1]}", flush=True)
 
     def prepare(self, cell: Cell) -> Future:
         """The cell's folders, made on the preparer thread: one cell at a time, in the order asked."""
@@ -342,8 +366,14 @@ class Chunk:
     def finish(self, future: Future) -> None:
         """Record a finished run (and the ablation runs that are it); drop caches no later run needs."""
         cell, key = self.running.pop(future)
-        entry = future.result()
-        self.longest = max(self.longest, entry["wall_seconds"])
+        try:
+            entry = future.result()
+        except StageFailed as error:  # recorded runs stay; the others go on
+            self.fail(cell, key, error)
+            self.waiting.pop((cell.name, key), None)
+            return
+        group = (cell.regime, cell.student)
+        self.longest[group] = max(self.longest.get(group, 0.0), entry["wall_seconds"])
         self.record(cell, key, entry)
         print(f"{cell.name} {key}: top-1 {100 * entry['test_acc']:.2f} %, probe {100 * entry['probe_test_acc']:.2f} "
               f"%, {entry['wall_seconds']:.0f} s ({describe(time_split(entry))})", flush=True)
@@ -389,7 +419,21 @@ def run(args) -> int:
                   args.drop_caches)
     chunk.run()
     print(f"done in {time.perf_counter() - chunk.start:.0f} s", flush=True)
+    if chunk.failed:
+        print(f"{len(chunk.failed)} failed (the other runs are recorded):", *chunk.failed, sep="\n  ", file=sys.stderr)
+        return 1
     return 0
+
+
+def recorded_wall_seconds(results: Path) -> dict[tuple[str, str], float]:
+    """The longest recorded run per (regime, student): what the budget expects of their next run."""
+    longest: dict[tuple[str, str], float] = {}
+    for path in results.glob("*.json"):
+        saved = read_json(path)
+        for entry in saved["runs"].values():
+            group = (saved["regime"], saved["student"])
+            longest[group] = max(longest.get(group, 0.0), entry["wall_seconds"])
+    return longest
 
 
 def time_split(entry: dict) -> dict[str, float]:

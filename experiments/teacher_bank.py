@@ -88,10 +88,10 @@ def send(work: Path, out: Path, max_bytes: int, max_files: int, only: set[int] |
     def wanted(part: Path) -> bool:
         return int(PART.fullmatch(part.name)["i"]) in only if only is not None else part.name not in sent
 
-    todo = []
-    for manifest in sorted(work.glob("*/teacher-*/teacher/manifest.json")):
-        if not (manifest.parent.parent / FROM_BANK).is_file():
-            todo += [p for p in pack(manifest.parent.parent, staged, part_bytes) if wanted(p)]
+    trained = [m.parent.parent for m in work.glob("*/teacher-*/teacher/manifest.json")
+               if not (m.parent.parent / FROM_BANK).is_file()]
+    trained.sort(key=lambda shared: -read_json(shared / "teacher.json")["train_seconds"])  # the dearest first
+    todo = [p for shared in trained for p in pack(shared, staged, part_bytes) if wanted(p)]
     names: list[str] = []
     for part in todo:
         if len(names) >= max_files or part.stat().st_size > max_bytes:
@@ -127,10 +127,16 @@ def restore(bank: Path, ident: str, shared: Path) -> bool:
 
 def collect(sources: list[Path], bank: Path) -> None:
     """Copy the parts in `sources` (folders that came back from calls) into `bank`; say what is complete, what is
-    missing, and how to carry each complete teacher."""
+    missing, and how to carry each complete teacher. The bank keeps one training per teacher identity: parts of
+    another training of a teacher it holds complete are left out (GPU training need not repeat bit for bit)."""
     bank.mkdir(parents=True, exist_ok=True)
     for folder in sources:
-        for parts in part_sets(folder).values():
+        for (ident, sha), parts in part_sets(folder).items():
+            held = [other for (i, other), have in part_sets(bank).items() if i == ident and not missing(have)]
+            if held and sha not in held:
+                print(f"teacher-{ident} ({sha}): not collected, the bank holds another training of it ({held[0]}); "
+                      f"remove that one's parts to keep this one instead")
+                continue
             for part in parts:
                 shutil.copyfile(part, bank / part.name)
     for (ident, sha), parts in part_sets(bank).items():

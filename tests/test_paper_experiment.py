@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,14 +81,16 @@ def test_every_run_is_recorded_with_its_metrics(grid):
     assert len(main["layers"]) == 18 and {r["device"] for r in main["runs"].values()} == {"cpu"}
 
 
-def test_nothing_is_redone_and_a_spent_budget_starts_nothing(grid):
+def test_nothing_is_redone_and_a_budget_shorter_than_a_recorded_run_starts_nothing(grid):
     before = (grid / "results/small-resnet9-Q.json").read_text()
     assert "0 runs to do" in paper_cli(grid, "run", "--work", str(grid / "work"))
     results = json.loads(before)
     del results["runs"]["ce-s1"]
     (grid / "results/small-resnet9-Q.json").write_text(json.dumps(results))
+    shortest = min(entry["wall_seconds"] for entry in results["runs"].values())
+    # the first run of a chunk is expected to take as long as the longest recorded of its regime and student
     assert "budget: not starting 1 more runs" in paper_cli(grid, "run", "--work", str(grid / "work"),
-                                                           "--budget-s", "0")
+                                                           "--budget-s", str(shortest / 2))
     out = paper_cli(grid, "run", "--work", str(grid / "work"))  # the student's outputs exist: only recorded again
     assert "1 runs to do" in out
     assert json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"] == json.loads(before)["runs"]
@@ -144,6 +147,24 @@ def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
     assert "small-resnet9-Q.json holds runs of params" in result.stderr and "own --results folder" in result.stderr
     where = paper_cli(grid, "run", "--work", str(grid / "work"), "-S", f"prepare.root={grid / 'elsewhere'}")
     assert "0 runs to do" in where  # where the data lie is no variant
+
+
+def test_failed_runs_leave_the_others_recorded_and_exit_1(grid, tmp_path):
+    """One cell whose scores fail, one run whose params fail: every other run is still trained and recorded."""
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "params": str(grid / "params.yaml"), "seeds": [3], "students": ["resnet9"], "methods": ["ce", "ours"],
+        "regimes": {"bad": ["score.layers=[40,41,42,43]"], "small": []}, "ablation": {"method": "ours", "criteria": []},
+        "method_overrides": {"ours": ["student.train.lr=-1"]}}, sort_keys=False))
+    cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(tmp_path / "grid.yaml"), "--results",
+           str(tmp_path / "results"), "run", "--work", str(tmp_path / "work"), "--jobs", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    failed = result.stderr.splitlines()
+    assert failed[0] == "2 failed (the other runs are recorded):"
+    assert failed[1].startswith("  bad-resnet9-Q ce-s3, ours-s3: score -> ") and "out of range" in failed[1]
+    assert failed[2].startswith("  small-resnet9-Q ours-s3: student -> ") and "student.train.lr" in failed[2]
+    assert not (tmp_path / "results/bad-resnet9-Q.json").exists()
+    assert set(json.loads((tmp_path / "results/small-resnet9-Q.json").read_text())["runs"]) == {"ce-s3"}
 
 
 def test_a_mistyped_cell_is_refused_not_skipped(grid):
@@ -222,12 +243,18 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     bank = tmp_path / "bank"
     teacher_bank.collect(calls[:2], bank)
     ((ident, sha),) = teacher_bank.part_sets(bank)
+    (calls[2] / f"teacher-{ident}.{'1' * 12}.00-of-01.part").write_bytes(b"another training of the same teacher")
+    teacher_bank.collect(calls[2:], bank)
+    assert list(teacher_bank.part_sets(bank)) == [(ident, sha)]  # one training per teacher: no doubt which
     (bank / f"teacher-{ident}.{'0' * 12}.00-of-02.part").write_bytes(b"half of another training's teacher")
 
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({  # the same teacher params and data as `grid`'s cells
         "params": str(grid / "params.yaml"), "seeds": [3], "students": ["resnet9"], "methods": ["ours"],
         "regimes": {"small": []}, "ablation": {"method": "ours", "criteria": []}}))
-    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "fresh"), "--teacher-bank", str(bank))
+    moved = tmp_path / "moved-data"  # the data elsewhere: the same data, so the same teacher
+    shutil.copytree(SMALL["prepare"]["root"], moved)
+    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "fresh"), "--teacher-bank", str(bank),
+                    "-S", f"prepare.root={moved}")
     assert f"small-resnet9-Q: teacher {ident} restored from {bank}, not trained" in out and "top-1" in out
     shared = next((tmp_path / "fresh").glob("*/teacher-*"))
     assert not (shared / "teacher.log").exists()  # the teacher stage did not run
@@ -235,7 +262,9 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     original = next((grid / "work").glob("*/teacher-*"))
     assert (shared / "teacher/model.pt").read_bytes() == (original / "teacher/model.pt").read_bytes()
     restored = json.loads((tmp_path / "results/small-resnet9-Q.json").read_text())
-    assert restored["teacher"] == json.loads((grid / "results/small-resnet9-Q.json").read_text())["teacher"]
+    before = json.loads((grid / "results/small-resnet9-Q.json").read_text())
+    assert restored["teacher"] == before["teacher"]
+    assert restored["runs"]["ours-s3"]["teacher_id"] == before["runs"]["ours-s0"]["teacher_id"]
     assert teacher_bank.send(tmp_path / "fresh", calls[2], 10**9, 99) == ([], 0)  # a restored teacher stays
 
     staged = sorted((grid / "work.parts").glob("*.part"))
