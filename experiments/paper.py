@@ -232,7 +232,7 @@ def _other_variant(path: Path, info: dict) -> str | None:
     overrides, where they lie being no variant), else None: their runs would be skipped as done."""
     def variant(record: dict) -> list:
         extra = record.get("extra_overrides", [])
-        return [record.get("params"), [o for o in extra if not o.startswith("prepare.root=")]]
+        return [record.get("params"), [o for o in extra if not o.startswith(("prepare.root=", "prepare.cache_dir="))]]
 
     if not path.is_file():
         return None
