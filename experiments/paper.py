@@ -388,11 +388,14 @@ class Chunk:
             print(f"{copy.name} {key}: the same teacher layers as {main}: its run, not trained again", flush=True)
 
     def record(self, cell: Cell, key: str, entry: dict) -> None:
-        """Into experiments/results/<cell>.json, with the cell's context (teacher, selection, layer scores)."""
+        """Into experiments/results/<cell>.json, with the cell's context (teacher, selection, layer scores): the
+        latest at the top, and by teacher id that of every teacher training its runs distilled from."""
         path = self.results / f"{cell.name}.json"
         saved = read_json(path) if path.is_file() else {"runs": {}}
+        context = self.prepared[cell.name].result()["context"]
         saved.update({"cell": cell.name, "regime": cell.regime, "student": cell.student, "criterion": cell.criterion,
-                      "overrides": cell.overrides, **self.info, **self.prepared[cell.name].result()["context"]})
+                      "overrides": cell.overrides, **self.info, **context})
+        saved.setdefault("teachers", {})[entry["teacher_id"]] = context
         saved["runs"][key] = entry
         write_json(path, saved)
 
@@ -521,11 +524,14 @@ def table(results: Path, grid_path: Path = GRID) -> str:
 
 
 def _q_chart(cell: dict) -> str:
-    """Q per teacher layer as a Mermaid line chart (rendered by GitHub; no plotting dependency)."""
-    q = [round(row["Q"], 3) for row in cell["layers"]]
-    return "\n".join(["```mermaid", "xychart-beta", f'  title "Q per teacher layer ({cell["regime"]})"',
-                      f"  x-axis [{', '.join(str(int(row['layer'])) for row in cell['layers'])}]",
-                      '  y-axis "Q"', f"  line [{', '.join(map(str, q))}]", "```"])
+    """Q per teacher layer as a Mermaid line chart (rendered by GitHub; no plotting dependency): one line per
+    teacher training the cell's runs distilled from (cells recorded before runs named theirs: the latest)."""
+    scores = [c["layers"] for c in cell.get("teachers", {}).values()] or [cell["layers"]]
+    lines = sorted({tuple(round(row["Q"], 3) for row in layers) for layers in scores})
+    title = f"Q per teacher layer ({cell['regime']}" + (f"; {len(lines)} teachers)" if len(lines) > 1 else ")")
+    return "\n".join(["```mermaid", "xychart-beta", f'  title "{title}"',
+                      f"  x-axis [{', '.join(str(int(row['layer'])) for row in scores[0])}]", '  y-axis "Q"',
+                      *[f"  line [{', '.join(map(str, q))}]" for q in lines], "```"])
 
 
 def write_table(doc: Path, text: str) -> None:

@@ -167,6 +167,20 @@ def test_failed_runs_leave_the_others_recorded_and_exit_1(grid, tmp_path):
     assert set(json.loads((tmp_path / "results/small-resnet9-Q.json").read_text())["runs"]) == {"ce-s3"}
 
 
+def test_the_q_chart_draws_each_teacher_training_of_a_cell():
+    def layers(q):
+        return [{"layer": float(i), "Q": value} for i, value in enumerate(q)]
+
+    cell = {"regime": "r", "layers": layers([1.0, 2.0]), "teachers": {"a": {"layers": layers([1.0, 2.0])},
+                                                                      "b": {"layers": layers([1.5, 2.5])}}}
+    chart = paper._q_chart(cell).splitlines()
+    assert chart[2:] == ['  title "Q per teacher layer (r; 2 teachers)"', "  x-axis [0, 1]", '  y-axis "Q"',
+                         "  line [1.0, 2.0]", "  line [1.5, 2.5]", "```"]
+    del cell["teachers"]  # recorded before runs named their teacher
+    assert paper._q_chart(cell).splitlines()[2:5] == ['  title "Q per teacher layer (r)"', "  x-axis [0, 1]",
+                                                      '  y-axis "Q"']
+
+
 def test_a_mistyped_cell_is_refused_not_skipped(grid):
     cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(grid / "grid.yaml"), "--results",
            str(grid / "results"), "run", "--work", str(grid / "work"), "--cells", "small-resnet9-Q", "small-resnet-S"]
@@ -265,6 +279,7 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     before = json.loads((grid / "results/small-resnet9-Q.json").read_text())
     assert restored["teacher"] == before["teacher"]
     assert restored["runs"]["ours-s3"]["teacher_id"] == before["runs"]["ours-s0"]["teacher_id"]
+    assert list(restored["teachers"]) == list(before["teachers"]) == [before["runs"]["ours-s0"]["teacher_id"]]
     assert teacher_bank.send(tmp_path / "fresh", calls[2], 10**9, 99) == ([], 0)  # a restored teacher stays
 
     staged = sorted((grid / "work.parts").glob("*.part"))
