@@ -53,4 +53,5 @@ def evaluate(
         write_csv(curves[run["run"]], learning_curve_rows(run["test_acc_by_epoch"]), ["epoch", "test_acc"])
     write_csv(plots / "per_class.csv", per_class_rows(classes, teacher, runs_found),
               ["class", "teacher", *[r["run"] for r in runs_found]])
-    typer.echo(text)
+    headline = ", ".join(f"{m} {s['last_epoch_top1']['mean']:.2%}" for m, s in summary.items())
+    typer.echo(f"evaluated teacher {teacher['top1']:.2%}, {headline} (last epoch, mean over seeds) -> {report}")

@@ -299,7 +299,11 @@ def test_evaluate_reads_only_the_runs_of_the_current_matrix(repo, tmp_path):
     finally:
         shutil.rmtree(stale)
     assert result.exit_code == 0, result.output
-    assert set(json.loads((tmp_path / "e.json").read_text())) == {"teacher", "ours", "ce"}
+    metrics = json.loads((tmp_path / "e.json").read_text())
+    assert set(metrics) == {"teacher", "ours", "ce"}
+    assert result.stdout.splitlines()[-1] == (  # one line; the table is the report's (make run prints it)
+        f"evaluated teacher {metrics['teacher']['top1']:.2%}, ce {metrics['ce']['last_epoch_top1']:.2%}, "
+        f"ours {metrics['ours']['last_epoch_top1']:.2%} (last epoch, mean over seeds) -> {tmp_path / 's.md'}")
 
 
 def test_queued_experiments_run_two_at_a_time(repo):
