@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.layers import LayerChain
+from pipeline.layers import LayerChain, classifier_modules
 from pipeline.losses import alignment, canonical, kd_kl, pool_to, similarity
 from pipeline.projectors import PROJECTORS
 
@@ -123,6 +123,10 @@ class Distiller(nn.Module):
             for module in self.view.modules[self.view.ends[self.student_layers[-1]] + 1:]:
                 module.requires_grad_(False)
 
+    def get_classifier(self) -> nn.Module:
+        """The student's own classifier: the optimiser's head group (projectors train with the backbone)."""
+        return nn.ModuleList(classifier_modules(self.student))
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.tail is not None:
@@ -141,7 +145,10 @@ class Distiller(nn.Module):
         return z, self._simkd_logits(z) if self.tail is not None else self.view.head(z, self.student_layers[-1])
 
     def _simkd_logits(self, last: torch.Tensor) -> torch.Tensor:
-        z = self._project(len(self.pairs) - 1, canonical(last))
+        return self._run_tail(self._project(len(self.pairs) - 1, canonical(last)))
+
+    def _run_tail(self, z: torch.Tensor) -> torch.Tensor:
+        """SimKD: the teacher's tail on the projected deepest student feature."""
         if z.dim() == 3:  # tokens back to (B, L, D) for a ViT tail
             z = z.transpose(1, 2)
         for module in self.tail:
@@ -163,28 +170,29 @@ class Distiller(nn.Module):
                teacher_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss, logits and each weighted term for one batch."""
         feats = self.view.collect(x, self.student_layers)
-        z = feats[-1]
-        if self.tail is not None:
-            logits = self._simkd_logits(z)
+        student = [canonical(f) for f in feats]
+        projected = [self._project(p, student[i]) for p, (i, _) in enumerate(self.pairs)] if self.projectors else []
+        if self.tail is not None:  # (its projector once a step: BatchNorm statistics updated once)
+            logits = self._run_tail(projected[-1])
         else:
+            z = feats[-1]
             logits = self.view.head(z.detach() if self.spec.detach_head else z, self.student_layers[-1])
         w = self.weights
         terms = {"ce": w.ce * F.cross_entropy(logits.float(), y)}
         if self.spec.kl:
             terms["kl"] = w.kl * kd_kl(logits, teacher_logits, w.tau, self.spec.standardize_logits)
         if self.spec.features:
-            student = [canonical(f) for f in feats]
             teacher = [canonical(t) for t in teacher_feats]
-            terms.update(self._feature_terms(student, teacher))
+            terms.update(self._feature_terms(student, projected, teacher))
         total = _total(list(terms.values()))
         return total, logits, terms
 
-    def _feature_terms(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _feature_terms(self, student: list[torch.Tensor], projected: list[torch.Tensor],
+                       teacher: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         w, kind = self.weights, self.spec.features
         if kind == "sp":
             sp = torch.stack([F.mse_loss(similarity(student[i]), similarity(teacher[j])) for i, j in self.pairs])
             return {"sp": w.feature * sp.mean()}
-        projected = [self._project(p, student[i]) for p, (i, _) in enumerate(self.pairs)]
         targets = [self._target(p, teacher[j]).float() for p, (_, j) in enumerate(self.pairs)]
         if kind == "semckd":
             per_sample = torch.stack([((s.float() - t) ** 2).flatten(1).mean(1) for s, t in zip(projected, targets)])

@@ -20,6 +20,15 @@ def is_gen_layer(module: nn.Module) -> bool:
     return isinstance(module, _GEN_TYPES) or getattr(module, "is_gen_layer", False)
 
 
+def classifier_modules(model: nn.Module) -> list[nn.Module]:
+    """A model's classifier: timm's `get_classifier()`, else its chain from the first Linear on."""
+    if hasattr(model, "get_classifier"):
+        return [model.get_classifier()]
+    chain = linearize(model)
+    first = next((i for i, m in enumerate(chain) if isinstance(m, nn.Linear)), len(chain))
+    return chain[first:]
+
+
 def linearize(module: nn.Module) -> list[nn.Module]:
     """Flatten containers and custom modules (that are not generalized layers) into execution order."""
     out = []

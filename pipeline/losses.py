@@ -15,10 +15,11 @@ def zscore(logits: torch.Tensor) -> torch.Tensor:
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float, standardize: bool = False) -> torch.Tensor:
     """KL(softmax(t/tau) || softmax(s/tau)), summed over classes, averaged over the batch (weight tau^2 is the caller's)."""
+    student, teacher = student.float(), teacher.float()
     if standardize:
         student, teacher = zscore(student), zscore(teacher)
-    log_p_s = F.log_softmax(student.float() / tau, dim=1)
-    log_p_t = F.log_softmax(teacher.float() / tau, dim=1)
+    log_p_s = F.log_softmax(student / tau, dim=1)
+    log_p_t = F.log_softmax(teacher / tau, dim=1)
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
 
 
@@ -54,6 +55,8 @@ def alignment(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) ->
 
 
 def similarity(f: torch.Tensor) -> torch.Tensor:
-    """B x B cosine similarities of per-sample flattened features (L2-normalised with eps 1e-4)."""
-    f = F.normalize(f.flatten(1).float(), dim=1, eps=1e-4)
-    return f @ f.T
+    """B x B cosine similarities of per-sample flattened features (L2-normalised with eps 1e-4), in float32 even
+    under autocast (which would run the product in bf16)."""
+    with torch.autocast(f.device.type, enabled=False):
+        f = F.normalize(f.flatten(1).float(), dim=1, eps=1e-4)
+        return f @ f.T

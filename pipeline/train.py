@@ -18,7 +18,7 @@ from pipeline.config import RecipeParams
 from pipeline import distributed
 from pipeline.data import Augment, DeviceData
 from pipeline.errors import InputError, TrainingError
-from pipeline.layers import linearize
+from pipeline.layers import classifier_modules
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -42,12 +42,8 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def classifier_params(model: nn.Module) -> set[int]:
-    """ids of the classifier's parameters: timm's `get_classifier()`, else the first Linear of the chain onwards."""
-    if hasattr(model, "get_classifier"):
-        return {id(p) for p in model.get_classifier().parameters()}
-    chain = linearize(model)
-    first = next((i for i, m in enumerate(chain) if isinstance(m, nn.Linear)), len(chain))
-    return {id(p) for m in chain[first:] for p in m.parameters()}
+    """ids of the classifier's parameters (the optimiser's head group)."""
+    return {id(p) for m in classifier_modules(model) for p in m.parameters()}
 
 
 def compiled(model: nn.Module, mode: str) -> nn.Module:

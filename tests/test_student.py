@@ -206,6 +206,27 @@ def test_ours_backbone_gets_no_gradient_from_cross_entropy():
     assert all(g is None for g in head)  # and the head none from the feature loss
 
 
+def test_similarity_and_kl_stay_float32_under_autocast():
+    from pipeline.losses import kd_kl, similarity
+
+    torch.manual_seed(0)
+    f, s, t = torch.randn(8, 16, 4, 4).bfloat16(), torch.randn(8, 10).bfloat16(), torch.randn(8, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as on the GPU path, where a matmul would run in bf16
+        sim, kl = similarity(f), kd_kl(s, t, 4.0, standardize=True)
+    assert sim.dtype == torch.float32 and torch.allclose(sim, similarity(f.float()), atol=1e-6)
+    assert kl.item() == pytest.approx(kd_kl(s.float(), t, 4.0, standardize=True).item(), rel=1e-6)
+
+
+def test_the_optimisers_head_group_is_the_students_classifier_alone():
+    from pipeline.config import RecipeParams
+    from pipeline.train import make_optimizer
+
+    d = _tiny_distiller("ours")
+    backbone, head = make_optimizer(d, RecipeParams(lr=0.1, backbone_lr_scale=0.01)).param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in d.student[-1].parameters()} and head["lr"] == 0.1
+    assert {id(p) for p in d.projectors.parameters()} <= {id(p) for p in backbone["params"]}  # at the backbone's lr
+
+
 def test_ours_ce_backbone_does_get_cross_entropy_gradient():
     backbone, _ = _grads_from(_tiny_distiller("ours_ce"), "ce")
     assert sum(g.abs().sum().item() for g in backbone if g is not None) > 0
@@ -252,6 +273,20 @@ def test_simkd_leaves_the_borrowed_teacher_tail_as_the_teacher_has_it(pipe):
     assert trained.keys() == fresh.state_dict().keys()
     assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
     assert not any(p.requires_grad for p in distiller.tail.parameters())
+
+
+def test_simkd_projects_its_deepest_layer_once_a_step(pipe):
+    from pipeline.features import features_and_logits
+
+    distiller, _, _ = _train(pipe, "simkd", epochs=1)
+    teacher, _, _ = load_teacher(pipe / "teacher", load_prepared(pipe / "data"))
+    norms = [m for p in distiller.projectors for m in p.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [int(m.num_batches_tracked) for m in norms]
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    with torch.no_grad():
+        feats, logits = features_and_logits(teacher.eval(), x, distiller.teacher_layers)
+        distiller.train().losses(x, y, feats, logits)
+    assert norms and [int(m.num_batches_tracked) - b for m, b in zip(norms, before)] == [1] * len(norms)
 
 
 @pytest.mark.parametrize("mode", ["default", "cudagraphs"])
