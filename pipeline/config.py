@@ -112,10 +112,14 @@ class StudentModelParams(ModelParams):
     arch: str = Field("resnet9", description=ModelParams.model_fields["arch"].description)
 
 
+class StudentRecipeParams(RecipeParams):
+    lr: float = Field(0.05, gt=0, description=RecipeParams.model_fields["lr"].description)
+
+
 class StudentParams(Section):
     method: Literal[METHOD_NAMES] = Field("ours", description="loss composition, see `pipeline/distill.py` METHODS")
     model: StudentModelParams = StudentModelParams()
-    train: RecipeParams = RecipeParams(lr=0.05)
+    train: StudentRecipeParams = StudentRecipeParams()
     peak_lr: Literal["lr", "reference", "max_lr"] = Field(
         "lr", description="peak learning rate: train.lr; reference: what the reference code ran for this student and "
                           "method (0.05 for ResNet-9/MobileNetV2 KD students, else 0.01; plain `ce` students 0.01); "

@@ -62,7 +62,8 @@ def fit_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images scaled to [0, 1] (two float64 passes, exact for constants)."""
+    """Per-channel mean and std of uint8 NHWC images scaled to [0, 1] (two float64 passes, exact for constants);
+    a constant channel gets std 1, so normalising maps it to zeros, not to NaN (0 / 0)."""
     c = images.shape[-1]
 
     def chunks():
@@ -72,7 +73,7 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], l
     count = len(images) * images[0].size // c
     mean = sum(x.sum(0) for x in chunks()) / count
     std = np.sqrt(sum(((x - mean) ** 2).sum(0) for x in chunks()) / count)
-    return mean.tolist(), std.tolist()
+    return mean.tolist(), np.where(std > 0, std, 1.0).tolist()
 
 
 def transform(raw: RawData, image_size: int, resize_mode: str, channels: int | None,

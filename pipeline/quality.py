@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from pipeline.errors import InputError
+
 CRITERIA = ("Q", "S", "I", "E", "sqrtIE")
 VARIANCE_KEPT = 0.95
 
@@ -150,8 +152,14 @@ def layer_quality(feats_a: torch.Tensor, labels_a: torch.Tensor, feats_b: torch.
 
 
 def select_layers(scores: list[dict], criterion: str, k: int) -> list[int]:
-    """The k layers with the highest `criterion`, sorted by depth (ties keep the shallower layer)."""
+    """The k layers with the highest `criterion`, sorted by depth (ties keep the shallower layer); a layer whose
+    score is not a number (e.g. S of an all-zero feature in reference mode) is never chosen."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}")
-    ranked = sorted(scores, key=lambda row: (-row[criterion], row["layer"]))
+    finite = [row for row in scores if math.isfinite(row[criterion])]
+    if len(finite) < k:
+        bad = [row["layer"] for row in scores if not math.isfinite(row[criterion])]
+        raise InputError(f"{criterion} is not finite for teacher layers {bad}: fewer than {k} layers to choose "
+                         f"from (name them in score.layers)")
+    ranked = sorted(finite, key=lambda row: (-row[criterion], row["layer"]))
     return sorted(row["layer"] for row in ranked[:k])

@@ -42,8 +42,9 @@ def teacher(
         resume = resume_dir / f"teacher-{key}.pt"
         with training_callbacks("teacher", p.train.epochs, live_dir) as callbacks:
             model, spec, summary, history = train_teacher(prepared, p, cfg.seed, resume, key, **callbacks)
-        if not distributed.is_main():
-            return
+    if not distributed.is_main():  # rank 0 alone writes (an adopted teacher too) and drops the resume checkpoint
+        return
+    if not p.checkpoint:
         resume.unlink(missing_ok=True)
     save_model(out / "model.pt", model, spec, data_id=prepared.data_id, classes=prepared.meta["classes"],
                mean=prepared.meta["mean"], std=prepared.meta["std"])

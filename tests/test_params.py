@@ -307,6 +307,7 @@ def test_params_command_lists_every_key_with_its_real_default():
     assert result.exit_code == 0
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert "0.05" in lines["student.train.lr"]  # the section's default, not RecipeParams' 0.01
+    assert load_params(None, ["student.train.epochs=3"]).student.train.lr == 0.05  # also when train is given in part
     assert "'ours'" in lines["student.method"] and "loss composition" in lines["student.method"]
     assert all(key.startswith("student.") for key in lines)
     bad = runner.invoke(app, ["params", "nope"])

@@ -131,6 +131,8 @@ def test_channel_stats_grey_known_values():
     images[0] = 255  # half the pixels 1.0, half 0.0
     mean, std = channel_stats(images)
     assert mean == [0.5] and std == [0.5]
+    images[..., 0] = 77  # a constant channel: normalised to zeros, not NaN
+    assert channel_stats(images) == ([77 / 255], [1.0])
 
 
 # --- transform ---------------------------------------------------------------------------------

@@ -150,6 +150,10 @@ def test_selection_top_k_sorted_by_depth():
     assert select_layers(rows, "Q", 4) == [1, 3, 4, 6]
     assert select_layers(_table([0.5, 0.5, 0.5], "S"), "S", 2) == [0, 1]  # ties keep the shallower layer
     assert choose_layers(rows, "Q", 2, None) == ([1, 4], "top-2 by Q")
+    nan = float("nan")  # a score that is not a number is never chosen (sorting on it returned [0, 1] here)
+    assert select_layers(_table([1.0, nan, 3.0, 2.0, 0.5]), "Q", 2) == [2, 3]
+    with pytest.raises(InputError, match=r"^Q is not finite for teacher layers \[1, 2\]: fewer than 2 layers"):
+        select_layers(_table([1.0, nan, nan]), "Q", 2)
 
 
 def test_explicit_layers_override_and_are_validated():
