@@ -137,8 +137,9 @@ class StudentParams(Section):
         "none", description="beyond the paper: standardize teacher targets per channel with cached statistics")
     relation_weight: float = Field(0.0, ge=0, description="beyond the paper: batch-similarity matching term")
     train_subset: Optional[PositiveInt] = Field(
-        None, description="class-balanced training images the student and its probe learn from (the same ones "
-                          "`prepare.train_subset` would keep); the teacher and its layer scores see all. null: all")
+        None, description="class-balanced training images the student and its probe learn from, drawn from "
+                          "the prepared ones (with `prepare.train_subset` null: the same ones it would keep); the "
+                          "teacher and its layer scores see all. null: all")
     teacher_features: Literal["cache", "device"] = Field(
         "cache", description="cache: the cache stage's files; device: the teacher runs over the training split once "
                              "at start and its features stay on the device (no disk; with augment: every batch)")

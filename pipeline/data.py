@@ -35,8 +35,9 @@ class Prepared:
         return tuple(self.meta["image_shape"])  # H, W, C
 
     def train_subset(self, size: int | None) -> Prepared:
-        """A class-balanced `size` of the training split, drawn as `prepare.train_subset` draws it (same seed, so
-        the same images), with the same test split and normalisation; all of it when `size` is None or larger."""
+        """A class-balanced `size` of the training split, drawn as `prepare.train_subset` draws it (same seed: from
+        an unsubsetted split, the same images), with the same test split and normalisation; all of it when `size`
+        is None or larger."""
         if size is None or size >= len(self.train_labels):
             return self
         from pipeline.prepare import balanced_subset
