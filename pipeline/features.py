@@ -47,16 +47,11 @@ def stream_layers(model: nn.Module, data: DeviceData, ids: torch.Tensor, batch_s
         yield k, torch.cat(acts)
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor, layers: list[int]):
-    """Features of `layers` and the logits, in one forward pass for chain models."""
+def features_and_logits(model: nn.Module, x: torch.Tensor, layers: list[int], view=None):
+    """Features of `layers` and the logits, in one forward pass (`view`: the model's layer view, if made already)."""
     if not layers:
         return [], model(x)
-    view = layer_view(model)
-    feats = view.collect(x, layers)
-    if isinstance(view, LayerChain):
-        deepest = max(range(len(layers)), key=lambda i: view.index(layers[i]))
-        return feats, view.head(feats[deepest], layers[deepest])
-    return feats, model(x)
+    return (view or layer_view(model)).features_and_logits(x, layers)
 
 
 @torch.no_grad()
@@ -65,10 +60,10 @@ def extract(model: nn.Module, data: DeviceData, layers: list[int], batch_size: i
             on_batch: Callable[[int], None] | None = None) -> None:
     """Run the model over `data` in order, handing each batch to `sink(start, features of layers, logits)`."""
     model.eval()
-    start = 0
+    start, view = 0, layer_view(model)
     for ids, x, _ in data.batches(batch_size):
         with autocast(data.device):
-            feats, logits = features_and_logits(model, x, layers)
+            feats, logits = features_and_logits(model, x, layers, view)
         sink(start, feats, logits)
         start += len(ids)
         if on_batch:

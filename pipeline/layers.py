@@ -84,6 +84,12 @@ class LayerChain:
             z = module(z)
         return z
 
+    def features_and_logits(self, x: torch.Tensor, layers: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Outputs of `layers` and the logits, from one forward pass."""
+        feats = self.collect(x, layers)
+        deepest = max(range(len(layers)), key=lambda i: self.index(layers[i]))
+        return feats, self.head(feats[deepest], layers[deepest])
+
 
 class TimmChain:
     """timm models through `forward_intermediates`; layer k is `feature_info[k]`."""
@@ -104,11 +110,20 @@ class TimmChain:
         return k % n
 
     def collect(self, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
-        wanted = [self.index(k) for k in layers]
-        unique = sorted(set(wanted))
+        wanted, unique = self._indices(layers)
         feats = self.model.forward_intermediates(x, indices=unique, intermediates_only=True)
-        by_layer = dict(zip(unique, feats))
-        return [by_layer[k] for k in wanted]
+        return [dict(zip(unique, feats))[k] for k in wanted]
+
+    def features_and_logits(self, x: torch.Tensor, layers: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Outputs of `layers` and the logits, from one forward pass (timm's final features through its head)."""
+        wanted, unique = self._indices(layers)
+        final, feats = self.model.forward_intermediates(x, indices=unique)
+        return [dict(zip(unique, feats))[k] for k in wanted], self.model.forward_head(final)
+
+    def _indices(self, layers: list[int]) -> tuple[list[int], list[int]]:
+        """The layers asked for, as indices in their order, and each once in depth order (timm's `indices`)."""
+        wanted = [self.index(k) for k in layers]
+        return wanted, sorted(set(wanted))
 
 
 def layer_view(model: nn.Module) -> LayerChain | TimmChain:

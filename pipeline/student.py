@@ -16,6 +16,7 @@ from pipeline.config import StudentParams
 from pipeline.data import Prepared
 from pipeline.distill import METHODS, Distiller, LossWeights
 from pipeline.errors import InputError
+from pipeline.features import features_and_logits
 from pipeline.layers import LayerChain, layer_shapes, layer_view
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
 from pipeline.teacher import device_splits, spec_for
@@ -106,6 +107,7 @@ class TeacherTargets:
                  channel_stats: dict | None = None, memory_share: float = 0.5):
         self.layers = layers
         self.teacher = teacher
+        self.view = layer_view(teacher) if teacher is not None else None  # made once, not per batch
         self.device = device
         if teacher is None and all(isinstance(a, torch.Tensor) and a.device == device for a in [*cached, logits]):
             self.resident, self.feats, self.logits = True, cached, logits  # gathered on the device already
@@ -126,11 +128,9 @@ class TeacherTargets:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if self.teacher is not None:
-            from pipeline.features import features_and_logits
-
             self.teacher.eval()
             with autocast(x.device):
-                feats, logits = features_and_logits(self.teacher, x, self.layers)
+                feats, logits = features_and_logits(self.teacher, x, self.layers, self.view)
         elif self.resident:
             feats, logits = [f[ids] for f in self.feats], self.logits[ids]
         else:

@@ -113,6 +113,10 @@ def test_timm_model_layers_from_feature_api():
     assert isinstance(view, TimmChain) and len(view) == 5
     assert layer_shapes(model, (1, 32, 32)) == [(64, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    x = torch.randn(2, 1, 32, 32)
+    feats, logits = view.features_and_logits(x, [3, 1, 3])  # one forward pass, any order, repeats allowed
+    assert [f.shape[1] for f in feats] == [256, 64, 256] and torch.equal(feats[0], view.collect(x, [3])[0])
+    assert torch.allclose(logits, model(x), atol=1e-6)
 
 
 def test_timm_pretrained_offline_fails_fast(monkeypatch):
