@@ -22,12 +22,12 @@ for mode in "${modes[@]}"; do
     *) echo "unknown mode: $mode (bench, compile, pipeline, experiment, concurrency, teachers)" >&2; exit 2 ;;
   esac
 done
+deadline=$((SECONDS + ${SESSION_S:-570}))  # from the start: the set-up below counts against the call too
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-deadline=$((SECONDS + ${SESSION_S:-570}))
 fmnist=$PWD/.fmnist
 
 bounded() {  # each command on its own and inside the deadline: one failing does not hide the others
