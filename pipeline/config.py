@@ -177,14 +177,6 @@ class Params(Section):
     seeds: list[Seed] = Field([0], min_length=1, description="student seeds (dvc.yaml's matrix expands them)")
     methods: list[Literal[METHOD_NAMES]] = Field(["ours", "ce"], min_length=1,
                                                  description="student methods trained by `dvc repro`")
-
-    @field_validator("seeds", "methods")
-    @classmethod
-    def each_once(cls, runs: list) -> list:
-        repeated = sorted({str(r) for r in runs if runs.count(r) > 1})
-        if repeated:
-            raise ValueError(f"{', '.join(repeated)} listed twice: each run is trained once")
-        return runs
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
     score: ScoreParams = ScoreParams()
@@ -193,6 +185,14 @@ class Params(Section):
     probe: ProbeParams = ProbeParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+
+    @field_validator("seeds", "methods")
+    @classmethod
+    def each_once(cls, runs: list) -> list:
+        repeated = sorted({str(r) for r in runs if runs.count(r) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed twice: each run is trained once")
+        return runs
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

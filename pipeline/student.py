@@ -94,6 +94,14 @@ def needs_teacher(method: str) -> bool:
     return bool(METHODS[method].kl or METHODS[method].features)
 
 
+def target_source(params: StudentParams) -> str:
+    """Where the student's teacher targets come from: none (plain cross-entropy), online (the teacher runs on each
+    augmented batch), device (made once at start, kept on the device) or cache (the cache stage's files)."""
+    if not needs_teacher(params.method):
+        return "none"
+    return "online" if params.train.augment else params.teacher_features
+
+
 def loss_weights(params: StudentParams) -> LossWeights:
     return LossWeights(ce=params.ce_weight, kl=params.kl_weight, tau=params.kl_tau, feature=params.feature_weight,
                        relation=params.relation_weight)
@@ -176,7 +184,7 @@ def teacher_inputs(params: StudentParams, teacher_arch: str, teacher_id: str, da
     selected = None
     if METHODS[params.method].teacher_layers == "selected" and params.teacher_layers is None:
         selected = load_selection(scores_dir, teacher_id)
-    if not needs_teacher(params.method) or params.train.augment or params.teacher_features != "cache":
+    if target_source(params) != "cache":
         return selected, None
     _, teacher_layers = resolve_layers(params, params.model.arch, teacher_arch, selected)
     return selected, load_cache(cache_dir, teacher_id, data.data_id, teacher_layers)
@@ -203,16 +211,17 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     distiller = build_distiller(spec, params.method, student_layers, teacher_layers, teacher_shapes,
                                 loss_weights(params), params.train.batch_size, teacher)
     distiller = prepare_model(distiller, device)
-    standardize = params.align == "standardize" and needs_teacher(params.method)  # `ce` has no targets to align
-    if needs_teacher(params.method) and not params.train.augment and params.teacher_features == "device":
+    source = target_source(params)
+    standardize = params.align == "standardize" and source != "none"  # `ce` has no targets to align
+    if source == "device":
         cache = _device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size,
                               channel_stats=standardize)
     stats = cache[2]["channel_stats"] if standardize and cache else None
     if standardize and cache is None:
         raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
-    if not needs_teacher(params.method):
+    if source == "none":
         targets = lambda ids, x: (None, None)  # noqa: E731 - plain cross-entropy needs no teacher
-    elif params.train.augment or cache is None:
+    elif source == "online" or cache is None:
         targets = TeacherTargets(teacher_layers, device, teacher=prepare_model(teacher, device))
     else:
         feats, logits, _ = cache  # features of teacher_layers, in that order
