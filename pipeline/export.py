@@ -140,14 +140,19 @@ def gate_images(images: np.ndarray, batch_sizes: list[int], small_batch_images: 
 
 
 def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, opset: int, batch_sizes: list[int],
-                   small_batch_images: int, atol: float, min_agreement: float) -> dict:
-    """Export, check and only then move the ONNX file into place; returns the parity figures."""
-    from pipeline.io import atomic_path, read_manifest
+                   small_batch_images: int, atol: float, min_agreement: float) -> tuple[dict, dict[str, str]]:
+    """Export, check and only then move the ONNX file into place; returns the parity figures and the ids of the
+    student (and probe) exported."""
+    from pipeline.io import atomic_path, manifest_id, read_manifest
     from pipeline.probe import load_probe
     from pipeline.student import load_student_dir
 
-    distiller, spec, _ = load_student_dir(run_dir, data)
-    probe = load_probe(probe_dir, read_manifest(run_dir, "student")) if probe_dir else None
+    distiller, spec, student_id = load_student_dir(run_dir, data)
+    made_from = {"student": student_id}
+    probe = None
+    if probe_dir:
+        probe = load_probe(probe_dir, read_manifest(run_dir, "student"))
+        made_from["probe"] = manifest_id(read_manifest(probe_dir, "probe"))
     model = Deployable(distiller, data.meta["mean"], data.meta["std"], probe).eval()
     metadata = {"classes": json.dumps(data.meta["classes"]), "image_shape": json.dumps(data.meta["image_shape"]),
                 "input": "uint8 NHWC images; scaling and normalisation are inside the graph",
@@ -163,4 +168,4 @@ def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, 
             "top1_agreement": min(f["top1_agreement"] for f in figures.values()),
             "by_batch_size": {str(bs): {"max_abs_diff": f["max_abs_diff"], "top1_agreement": f["top1_agreement"],
                                         "images": f["images"]} for bs, f in figures.items()},
-            **{k: v for k, v in metadata.items() if k in ("method", "arch", "head", "run")}}
+            **{k: v for k, v in metadata.items() if k in ("method", "arch", "head", "run")}}, made_from

@@ -31,10 +31,10 @@ def export(
     prepared = load_prepared(data)
     run = p.run or f"{cfg.methods[0]}-s{cfg.seeds[0]}"
     probe_dir = runs / f"probe-{run}" if p.head == "probe" else None
-    figures = export_student(runs / f"student-{run}", probe_dir, prepared, out, p.opset, p.batch_sizes,
-                             p.small_batch_images, p.atol, p.min_agreement)
+    figures, made_from = export_student(runs / f"student-{run}", probe_dir, prepared, out, p.opset,
+                                        p.batch_sizes, p.small_batch_images, p.atol, p.min_agreement)
     write_json(metrics, figures)
-    write_manifest(out.parent, "export", {"seed": cfg.seed, **p.model_dump()}, inputs={"data": prepared.data_id},
-                   files={out.name: file_digest(out)})
+    write_manifest(out.parent, "export", {"seed": cfg.seed, **p.model_dump()},
+                   inputs={"data": prepared.data_id, **made_from}, files={out.name: file_digest(out)})
     typer.echo(f"exported {run} ({p.head} head) -> {out}: max |logit diff| {figures['max_abs_diff']:.2e}, "
                f"top-1 agreement {figures['top1_agreement']:.4%}")

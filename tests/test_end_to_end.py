@@ -218,7 +218,7 @@ def test_export_with_the_probe_head_folds_its_standardisation_into_the_graph(rep
 
     from pipeline.data import DeviceData, load_prepared
     from pipeline.export import Deployable
-    from pipeline.io import read_manifest
+    from pipeline.io import manifest_id, read_manifest
     from pipeline.probe import load_probe, pooled_features
     from pipeline.student import load_student_dir
 
@@ -238,6 +238,9 @@ def test_export_with_the_probe_head_folds_its_standardisation_into_the_graph(rep
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e.json").read_text())["head"] == "probe"
+    made_from = read_manifest(tmp_path, "export")["inputs"]  # which student and probe the file holds
+    assert made_from["student"] == manifest_id(read_manifest(repo / "runs/student-ours-s0", "student"))
+    assert made_from["probe"] == manifest_id(read_manifest(repo / "runs/probe-ours-s0", "probe"))
     other = tmp_path / "runs"  # the probe of another student is refused
     shutil.copytree(repo / "runs", other)
     shutil.rmtree(other / "probe-ours-s0")
