@@ -150,6 +150,8 @@ def read_cifar(root: str | Path, name: str) -> RawData:
 
 def _extract(archive: Path) -> Path:
     """The archive extracted beside it, in a folder named by its digest: a replaced archive is extracted anew."""
+    import shutil
+
     from pipeline.io import file_digest
 
     stem = archive.name.split(".tar")[0].split(".tgz")[0]
@@ -161,11 +163,10 @@ def _extract(archive: Path) -> Path:
                 tar.extractall(tmp, filter="data")
             tmp.rename(target)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-            raise InputError(f"cannot extract {archive}: {err}") from None
+            if not (isinstance(err, OSError) and target.is_dir()):  # else a run beside this one renamed first
+                raise InputError(f"cannot extract {archive}: {err}") from None
         finally:
-            if tmp.exists():
-                import shutil
-                shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -4,6 +4,7 @@ import gzip
 import pickle
 import struct
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,6 +339,22 @@ def test_a_replaced_cifar_archive_is_extracted_anew(tmp_path):
     first = read_cifar(make_archive(tmp_path / "a", "cifar-10-batches-py", archive), "cifar10")
     second = read_cifar(make_archive(tmp_path / "b", "cifar-10-batches-py", archive), "cifar10")
     assert not np.array_equal(first.train_images, second.train_images)
+
+
+def test_two_runs_extracting_one_archive_at_once_both_read_it(tmp_path, monkeypatch):
+    _, rows, *_ = write_cifar10(tmp_path / "src")
+    archive = make_archive(tmp_path / "src", "cifar-10-batches-py", tmp_path / "cifar-10-python.tar.gz")
+    extractall = tarfile.TarFile.extractall
+
+    def another_run_finishing_first(tar, path, **kwargs):
+        extractall(tar, path, **kwargs)
+        target = Path(path).with_name(Path(path).name[1:].rsplit(".", 1)[0])  # .<target>.<random> -> <target>
+        if not target.exists():
+            extractall(tar, target, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", another_run_finishing_first)
+    check_pixels(read_cifar(archive, "cifar10").train_images, rows)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial extraction left
 
 
 def test_cifar_missing_file(tmp_path):
