@@ -30,7 +30,8 @@ from pipeline.data import DeviceData
 from pipeline.distill import LossWeights
 from pipeline.layers import layer_shapes
 from pipeline.models import ModelSpec, build_model
-from pipeline.student import TeacherTargets, build_distiller
+from pipeline.student import build_distiller
+from pipeline.targets import CachedTargets
 from pipeline.train import (autocast, compiled, cross_entropy_step, make_optimizer, make_scheduler, prepare_model,
                             train_one_epoch, uses_cuda_graphs)
 
@@ -110,7 +111,7 @@ def main() -> None:
     shapes = layer_shapes(build_model(teacher), (3, 32, 32))
     teacher_shapes = [shapes[k] for k in TEACHER_LAYERS]
     cached = [rng.standard_normal((args.images, *s), dtype=np.float32).astype(np.float16) for s in teacher_shapes]
-    targets = TeacherTargets(TEACHER_LAYERS, device, cached, rng.standard_normal((args.images, 10), np.float32))
+    targets = CachedTargets(TEACHER_LAYERS, cached, rng.standard_normal((args.images, 10), np.float32), device)
 
     def ours_step(model, ids, x, y):
         feats, logits = targets(ids, x)

@@ -6,7 +6,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -16,11 +15,11 @@ from pipeline.config import StudentParams
 from pipeline.data import Prepared
 from pipeline.distill import METHODS, Distiller, LossWeights
 from pipeline.errors import InputError
-from pipeline.features import features_and_logits
 from pipeline.layers import LayerChain, layer_shapes, layer_view
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
+from pipeline.targets import CachedTargets, OnlineTargets, device_cache, needs_teacher, no_targets, target_source
 from pipeline.teacher import device_splits, spec_for
-from pipeline.train import autocast, fit, pick_device, prepare_model, summarise
+from pipeline.train import fit, pick_device, prepare_model, summarise
 
 FORMAT = "kd-student/1"
 
@@ -90,87 +89,9 @@ def build_distiller(student_spec: ModelSpec, method: str, student_layers: list[i
     return distiller
 
 
-def needs_teacher(method: str) -> bool:
-    return bool(METHODS[method].kl or METHODS[method].features)
-
-
-def target_source(params: StudentParams) -> str:
-    """Where the student's teacher targets come from: none (plain cross-entropy), online (the teacher runs on each
-    augmented batch), device (made once at start, kept on the device) or cache (the cache stage's files)."""
-    if not needs_teacher(params.method):
-        return "none"
-    return "online" if params.train.augment else params.teacher_features
-
-
 def loss_weights(params: StudentParams) -> LossWeights:
     return LossWeights(ce=params.ce_weight, kl=params.kl_weight, tau=params.kl_tau, feature=params.feature_weight,
                        relation=params.relation_weight)
-
-
-class TeacherTargets:
-    """Teacher features and logits for a batch: rows of the cache by sample id, or the teacher run online."""
-
-    def __init__(self, layers: list[int], device: torch.device, cached: list[np.ndarray] | None = None,
-                 logits: np.ndarray | None = None, teacher: nn.Module | None = None,
-                 channel_stats: dict | None = None, memory_share: float = 0.5):
-        self.layers = layers
-        self.teacher = teacher
-        self.view = layer_view(teacher) if teacher is not None else None  # made once, not per batch
-        self.device = device
-        if teacher is None and all(isinstance(a, torch.Tensor) and a.device == device for a in [*cached, logits]):
-            self.resident, self.feats, self.logits = True, cached, logits  # gathered on the device already
-        elif teacher is None:
-            cached, logits = [_numpy(a) for a in cached], _numpy(logits)
-            self.resident = _fits(cached + [logits], device, memory_share)
-            if self.resident:  # the whole cache on the device: a batch is one gather there
-                self.feats = [torch.from_numpy(np.array(a)).to(device) for a in cached]
-                self.logits = torch.from_numpy(np.array(logits)).to(device)
-            else:  # too big: rows are read from the memory-mapped files per batch
-                self.feats, self.logits = cached, logits
-        self.stats = None
-        if channel_stats is not None:
-            self.stats = [(torch.tensor(channel_stats[str(k)]["mean"], device=device),
-                           torch.tensor(channel_stats[str(k)]["std"], device=device).clamp_min(1e-6))
-                          for k in layers]
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if self.teacher is not None:
-            self.teacher.eval()
-            with autocast(x.device):
-                feats, logits = features_and_logits(self.teacher, x, self.layers, self.view)
-        elif self.resident:
-            feats, logits = [f[ids] for f in self.feats], self.logits[ids]
-        else:
-            rows = ids.cpu().numpy()
-            feats = [torch.from_numpy(f[rows]).to(self.device, non_blocking=True) for f in self.feats]
-            logits = torch.from_numpy(self.logits[rows]).to(self.device)
-        if self.stats is not None:
-            feats = [_standardize(f.float(), mean, std) for f, (mean, std) in zip(feats, self.stats)]
-        # float32 before the (possibly compiled) student step: with the cache's float16 rows as graph inputs,
-        # inductor computed NaN for SemCKD's loss (CPU, torch 2.14), casting inside the graph or not
-        return [f.float() for f in feats], logits.float()
-
-
-def _numpy(a) -> np.ndarray:
-    return a.numpy() if isinstance(a, torch.Tensor) else a
-
-
-def _fits(arrays: list[np.ndarray], device: torch.device, share: float) -> bool:
-    """Whether the arrays take at most `share` of the device's free memory (of the host's RAM on a CPU)."""
-    need = sum(a.nbytes for a in arrays)
-    if device.type == "cuda":
-        return need <= share * torch.cuda.mem_get_info(device)[0]
-    import os
-
-    return need <= share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _standardize(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    if f.dim() == 3:  # tokens: channels are the last dim
-        return (f - mean) / std
-    shape = (1, -1) + (1,) * (f.dim() - 2)
-    return (f - mean.view(shape)) / std.view(shape)
 
 
 def teacher_inputs(params: StudentParams, teacher_arch: str, teacher_id: str, data: Prepared, scores_dir: Path,
@@ -193,7 +114,8 @@ def teacher_inputs(params: StudentParams, teacher_arch: str, teacher_id: str, da
 def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.Module, teacher_spec: ModelSpec,
                   selected: list[int] | None, cache: tuple | None, resume_path: Path | None, resume_key: str,
                   **callbacks) -> tuple[Distiller, dict, list[dict]]:
-    """Train with `params.method`; `cache` is (features, logits, manifest) from `load_cache` or None (online).
+    """Train with `params.method`; `cache` is (features, logits, manifest) from `load_cache` where the targets come
+    from the cache stage (`target_source`), else None.
 
     The summary's `setup_seconds`: building the model, making teacher features, moving the data to the device.
     """
@@ -213,19 +135,19 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     distiller = prepare_model(distiller, device)
     source = target_source(params)
     standardize = params.align == "standardize" and source != "none"  # `ce` has no targets to align
-    if source == "device":
-        cache = _device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size,
-                              channel_stats=standardize)
-    stats = cache[2]["channel_stats"] if standardize and cache else None
-    if standardize and cache is None:
+    if standardize and source == "online":
         raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
+    if source == "device":
+        cache = device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size,
+                             channel_stats=standardize)
     if source == "none":
-        targets = lambda ids, x: (None, None)  # noqa: E731 - plain cross-entropy needs no teacher
-    elif source == "online" or cache is None:
-        targets = TeacherTargets(teacher_layers, device, teacher=prepare_model(teacher, device))
+        targets = no_targets
+    elif source == "online":
+        targets = OnlineTargets(prepare_model(teacher, device), teacher_layers)
     else:
-        feats, logits, _ = cache  # features of teacher_layers, in that order
-        targets = TeacherTargets(teacher_layers, device, feats, logits, channel_stats=stats)
+        feats, logits, manifest = cache  # features of teacher_layers, in that order
+        targets = CachedTargets(teacher_layers, feats, logits, device,
+                                manifest["channel_stats"] if standardize else None)
 
     def step_loss(model, ids, x, y):  # model: the Distiller, or DistributedDataParallel around it
         t_feats, t_logits = targets(ids, x)
@@ -236,16 +158,6 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     setup_seconds = time.perf_counter() - start
     state = fit(distiller, train, test, recipe, seed, resume_path, resume_key, step_loss=step_loss, **callbacks)
     return distiller, {**summarise(state.history), "setup_seconds": setup_seconds}, state.history
-
-
-def _device_cache(teacher: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,
-                  channel_stats: bool):
-    """What `load_cache` returns, made by one pass of the teacher over the training split, kept on `device`."""
-    from pipeline.cache import gather_features
-
-    buffers, _, stats = gather_features(prepare_model(teacher, device), data, layers, device, batch_size,
-                                        channel_stats=channel_stats)
-    return [buffers[k] for k in sorted(layers)], buffers["logits"], {"channel_stats": stats}
 
 
 def save_student(path: str | Path, distiller: Distiller, teacher_spec: ModelSpec, **info) -> None:

@@ -18,7 +18,8 @@ from pipeline.layers import layer_shapes
 from pipeline.losses import canonical
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
 from pipeline.probe import fit_probe, probe_student
-from pipeline.student import TeacherTargets, build_distiller, load_student_dir, train_student
+from pipeline.student import build_distiller, load_student_dir, train_student
+from pipeline.targets import CachedTargets, device_cache
 from pipeline.teacher import device_splits, load_teacher
 from tiny import run_stage, tiny_pipeline
 
@@ -312,7 +313,7 @@ def test_compiled_semckd_loss_matches_eager_on_a_float16_cache():
     shapes = [layer_shapes(build_model(teacher), (1, 32, 32))[k] for k in layers]
     rng = np.random.default_rng(0)
     cache = [np.abs(3 * rng.standard_normal((256, *s))).astype(np.float16) for s in shapes]
-    targets = TeacherTargets(layers, torch.device("cpu"), cache, rng.standard_normal((256, 10), np.float32))
+    targets = CachedTargets(layers, cache, rng.standard_normal((256, 10), np.float32), torch.device("cpu"))
     distiller = build_distiller(student, "semckd", [1, 2, 3, 4], layers, shapes, LossWeights(), 128, None)
     ids, x, y = torch.arange(128), torch.randn(128, 1, 32, 32), torch.randint(0, 10, (128,))
     feats, logits = targets(ids, x)
@@ -353,20 +354,20 @@ def test_augmented_training_runs_the_teacher_on_the_batches_the_student_sees(pip
 
 
 def test_device_made_teacher_features_match_the_cache(pipe):
-    from pipeline.student import _device_cache, layers_to_cache
+    from pipeline.student import layers_to_cache
 
     data = load_prepared(pipe / "data")
     teacher, _, teacher_id = load_teacher(pipe / "teacher", data)
     layers = json.loads((pipe / "scores/selection.json").read_text())["layers"]
     cached, cached_logits, manifest = load_cache(pipe / "cache", teacher_id, data.data_id, layers)
-    feats, logits, extra = _device_cache(teacher, data, layers, torch.device("cpu"), 1024, channel_stats=True)
+    feats, logits, extra = device_cache(teacher, data, layers, torch.device("cpu"), 1024, channel_stats=True)
     assert len(feats) == len(cached) == len(layers)
     for a, b in zip(feats, cached):
         assert a.dtype == torch.float16 and torch.allclose(a.float(), torch.from_numpy(np.array(b)).float(),
                                                            rtol=2e-3, atol=1e-3)
     assert torch.allclose(logits, torch.from_numpy(np.array(cached_logits)), atol=1e-4)
     assert extra["channel_stats"].keys() == {str(k) for k in layers}
-    assert _device_cache(teacher, data, layers, torch.device("cpu"), 1024, channel_stats=False)[2] == {
+    assert device_cache(teacher, data, layers, torch.device("cpu"), 1024, channel_stats=False)[2] == {
         "channel_stats": {}}  # only `align: standardize` needs them
     _, _, device_made = _train(pipe, "ours", epochs=2, teacher_features="device")
     _, _, from_cache = _train(pipe, "ours", epochs=2)
@@ -382,7 +383,7 @@ def test_distribution_aware_alignment_standardizes_targets(pipe):
     data = load_prepared(pipe / "data")
     _, _, teacher_id = load_teacher(pipe / "teacher", data)
     feats, logits, manifest = load_cache(pipe / "cache", teacher_id, data.data_id, [3, 13])
-    targets = TeacherTargets([3, 13], torch.device("cpu"), feats, logits, channel_stats=manifest["channel_stats"])
+    targets = CachedTargets([3, 13], feats, logits, torch.device("cpu"), manifest["channel_stats"])
     standardized, _ = targets(torch.arange(len(logits)), None)
     for f in standardized:
         assert f.mean((0, 2, 3)).abs().max() < 1e-2
@@ -554,8 +555,8 @@ def test_cache_too_big_for_memory_is_read_from_the_memory_map(pipe):
     data = load_prepared(pipe / "data")
     _, _, teacher_id = load_teacher(pipe / "teacher", data)
     feats, logits, _ = load_cache(pipe / "cache", teacher_id, data.data_id, [3, 13])
-    resident = TeacherTargets([3, 13], torch.device("cpu"), feats, logits)
-    mapped = TeacherTargets([3, 13], torch.device("cpu"), feats, logits, memory_share=0.0)
+    resident = CachedTargets([3, 13], feats, logits, torch.device("cpu"))
+    mapped = CachedTargets([3, 13], feats, logits, torch.device("cpu"), memory_share=0.0)
     assert resident.resident and not mapped.resident
     ids = torch.tensor([7, 0, 95, 7])
     for a, b in zip(resident(ids, None)[0] + [resident(ids, None)[1]], mapped(ids, None)[0] + [mapped(ids, None)[1]]):
