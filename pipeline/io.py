@@ -24,16 +24,25 @@ from pipeline.errors import InputError
 
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = {"stage", "params", "params_hash", "inputs", "files"}  # "digest": older ones lack it
+OWN_MARKERS = (MANIFEST, "metrics.json")  # a folder this pipeline writes whole: a stage's outputs, dvclive's curves
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = (), stage: str | None = None) -> None:
+def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = (), scratch: tuple[str | Path, ...] = (),
+                  stage: str | None = None) -> None:
     """Refuse, before any work, outputs that cannot be written: a file path that is a folder, a folder path that is
     a file, a path below a file or in a folder this process cannot write (else one output of a stage could replace
-    its old self before another failed), or, for `stage`, a folder holding another stage's outputs."""
+    its old self before another failed), or, for `stage`, a folder holding another stage's outputs. `folders` are
+    replaced whole, so they must not hold what this pipeline did not write; `scratch` folders are written into."""
+    everything = [Path(p).resolve() for p in (*files, *folders, *scratch)]
+    for folder in folders:
+        _check_replaceable(Path(folder))
+        inside = next((p for p in everything if Path(folder).resolve() in p.parents), None)
+        if inside is not None:
+            raise InputError(f"output {inside} is inside {folder}, which is replaced whole: put it elsewhere")
     writable: set[Path] = set()
-    for path, is_folder in [*((Path(f), False) for f in files), *((Path(d), True) for d in folders)]:
+    for path, is_folder in [*((Path(f), False) for f in files), *((Path(d), True) for d in (*folders, *scratch))]:
         if path.exists() and path.is_dir() != is_folder:
             raise InputError(f"output {path} is a {'file' if is_folder else 'folder'}")
         nearest = next((p for p in path.parents if p.exists()), None)
@@ -52,6 +61,15 @@ def _check_writable(output: Path, folder: Path) -> None:
             pass
     except OSError as err:
         raise InputError(f"output {output}: cannot write in {folder} ({err.strerror})") from None
+
+
+def _check_replaceable(folder: Path) -> None:
+    here = Path.cwd().resolve()
+    if folder.resolve() in (here, *here.parents):
+        raise InputError(f"output {folder} holds the working folder: not replacing it")
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / m).is_file() for m in OWN_MARKERS):
+        raise InputError(f"output {folder} holds files this pipeline did not write (no {MANIFEST}): not replacing "
+                         "them; remove it or choose another folder")
 
 
 def _check_not_another_stages(folder: Path, stage: str) -> None:
@@ -200,8 +218,11 @@ def environment() -> dict[str, str]:
 
 
 def write_manifest(out_dir: str | Path, stage: str, params: dict, inputs: dict[str, str],
-                   files: dict[str, str], extra: dict | None = None) -> dict:
-    """Write `out_dir/manifest.json`: what made these outputs, from what, and their checksums."""
+                   files: dict[str, str] | None = None, extra: dict | None = None) -> dict:
+    """Write `out_dir/manifest.json`: what made these outputs, from what, and the checksums of `files` (name:
+    digest), by default of every file in `out_dir`."""
+    if files is None:
+        files = {p.name: file_digest(p) for p in sorted(Path(out_dir).iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {
         "stage": stage,
         "params": params,

@@ -25,7 +25,7 @@ def cache(
     p = cfg.cache
     from pipeline.cache import DTYPE, write_cache
     from pipeline.data import load_prepared
-    from pipeline.io import check_outputs, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, write_manifest
     from pipeline.selection import load_selection
     from pipeline.student import layers_to_cache
     from pipeline.teacher import load_teacher
@@ -40,10 +40,10 @@ def cache(
     device = pick_device(p.device)
     model = prepare_model(model, device)
     prepared = prepared.train_subset(cfg.student.train_subset)
-    with TaskProgress("cache", len(prepared.train_labels)) as progress:
-        files, shapes, stats = write_cache(model, prepared, layers, device, p.batch_size, out, progress.advance)
-    write_manifest(out, "cache", {"seed": cfg.seed, **p.model_dump()},
-                   inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files,
-                   extra={"layers": layers, "shapes": shapes, "channel_stats": stats, "dtype": DTYPE.__name__,
-                          "num_samples": len(prepared.train_labels)})
+    with TaskProgress("cache", len(prepared.train_labels)) as progress, atomic_dir(out) as tmp:
+        files, shapes, stats = write_cache(model, prepared, layers, device, p.batch_size, tmp, progress.advance)
+        write_manifest(tmp, "cache", {"seed": cfg.seed, **p.model_dump()},
+                       inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files,
+                       extra={"layers": layers, "shapes": shapes, "channel_stats": stats, "dtype": DTYPE.__name__,
+                              "num_samples": len(prepared.train_labels)})
     typer.echo(f"cached teacher layers {layers} for {len(prepared.train_labels)} images -> {out}")

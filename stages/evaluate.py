@@ -34,7 +34,7 @@ def evaluate(
     confusion = {name: plots / "confusion" / f"{name}.csv" for name in ("teacher", *names)}
     curves = {name: plots / "test_acc" / f"{name}.csv" for name in names}
     check_outputs(metrics, details, report, plots / "per_class.csv", *confusion.values(), *curves.values(),
-                  folders=(plots / "confusion", plots / "test_acc"), stage="evaluate")
+                  scratch=(plots / "confusion", plots / "test_acc"), stage="evaluate")
 
     prepared = load_prepared(data)
     device = pick_device(cfg.evaluate.device)

@@ -24,7 +24,7 @@ def probe(
     p = cfg.probe
     from pipeline.checkpoint import save_torch
     from pipeline.data import load_prepared
-    from pipeline.io import check_outputs, file_digest, write_json, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, write_json, write_manifest
     from pipeline.probe import probe_student
     from pipeline.student import load_student_dir, training_data
     from pipeline.train import pick_device
@@ -35,12 +35,12 @@ def probe(
     distiller, _, student_id = load_student_dir(student_dir, prepared)
     fitted, summary = probe_student(distiller, training_data(student_dir, prepared), pick_device(p.device),
                                     p.weight_decays, p.holdout, cfg.seed, p.max_iter)
-    save_torch(out / "probe.pt", {"format": "kd-probe/1", "weight": fitted.weight, "bias": fitted.bias,
-                                  "mean": fitted.mean, "std": fitted.std,
-                                  "weight_decay": fitted.weight_decay, "layer": summary["layer"]})
+    with atomic_dir(out) as tmp:
+        save_torch(tmp / "probe.pt", {"format": "kd-probe/1", "weight": fitted.weight, "bias": fitted.bias,
+                                      "mean": fitted.mean, "std": fitted.std,
+                                      "weight_decay": fitted.weight_decay, "layer": summary["layer"]})
+        write_manifest(tmp, "probe", {"seed": cfg.seed, **p.model_dump()},
+                       inputs={"data": prepared.data_id, "student": student_id})
     write_json(metrics, summary)
-    write_manifest(out, "probe", {"seed": cfg.seed, **p.model_dump()},
-                   inputs={"data": prepared.data_id, "student": student_id},
-                   files={"probe.pt": file_digest(out / "probe.pt")})
     typer.echo(f"probe (weight decay {fitted.weight_decay:g}): test acc {summary['probe_test_acc']:.4f}, "
                f"student head {summary['head_test_acc']:.4f} -> {out / 'probe.pt'}")

@@ -27,7 +27,7 @@ def score(
     import torch
 
     from pipeline.data import load_prepared
-    from pipeline.io import check_outputs, file_digest, write_csv, write_json, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, write_csv, write_json, write_manifest
     from pipeline.layers import layer_view
     from pipeline.scoring import score_layers
     from pipeline.selection import check_choice, choose_layers
@@ -52,10 +52,10 @@ def score(
     layers, how = choose_layers(rows, p.criterion, p.k, p.layers)
     selection = {"layers": layers, "chosen_by": how, "criterion": p.criterion, "mode": p.mode,
                  "teacher_arch": spec.arch, "num_teacher_layers": len(rows)}
-    write_json(out / "layers.json", rows)
-    write_csv(out / "layers.csv", rows, COLUMNS)
-    write_json(out / "selection.json", selection)
-    files = {name: file_digest(out / name) for name in ("layers.json", "layers.csv", "selection.json")}
-    write_manifest(out, "score", {"seed": cfg.seed, **p.model_dump()},
-                   inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "layers.json", rows)
+        write_csv(tmp / "layers.csv", rows, COLUMNS)
+        write_json(tmp / "selection.json", selection)
+        write_manifest(tmp, "score", {"seed": cfg.seed, **p.model_dump()},
+                       inputs={"data": prepared.data_id, "teacher": teacher_id})
     typer.echo(f"selected teacher layers {layers} ({how}) of {spec.arch} -> {out / 'selection.json'}")

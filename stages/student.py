@@ -28,11 +28,11 @@ def student(
     p = cfg.student
     from pipeline import distributed
     from pipeline.data import load_prepared
-    from pipeline.io import check_outputs, file_digest, hash_obj, write_json, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, hash_obj, write_json, write_manifest
     from pipeline.student import save_student, teacher_inputs, train_student
     from pipeline.teacher import load_teacher
 
-    check_outputs(metrics, folders=(out, live_dir, resume_dir), stage="student")
+    check_outputs(metrics, folders=(out, live_dir), scratch=(resume_dir,), stage="student")
 
     distributed.init_from_env()
     prepared = load_prepared(data)
@@ -47,13 +47,14 @@ def student(
                                                     cache, resume, key, **callbacks)
     if not distributed.is_main():
         return
-    save_student(out / "model.pt", distiller, teacher_spec, data_id=prepared.data_id,
-                 classes=prepared.meta["classes"], mean=prepared.meta["mean"], std=prepared.meta["std"])
+    with atomic_dir(out) as tmp:
+        save_student(tmp / "model.pt", distiller, teacher_spec, data_id=prepared.data_id,
+                     classes=prepared.meta["classes"], mean=prepared.meta["mean"], std=prepared.meta["std"])
+        write_manifest(tmp, "student", section, inputs={"data": prepared.data_id, "teacher": teacher_id},
+                       extra={"history": history})
     resume.unlink(missing_ok=True)
     summary = {"method": p.method, "teacher_layers": distiller.teacher_layers,
                "student_layers": distiller.student_layers, "train_images": len(train_data.train_labels), **summary}
     write_json(metrics, summary)
-    write_manifest(out, "student", section, inputs={"data": prepared.data_id, "teacher": teacher_id},
-                   files={"model.pt": file_digest(out / "model.pt")}, extra={"history": history})
     typer.echo(f"student {p.model.arch} ({p.method}, teacher layers {distiller.teacher_layers}): "
                f"test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) -> {out / 'model.pt'}")

@@ -26,10 +26,10 @@ def teacher(
     from pipeline import distributed
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
-    from pipeline.io import check_outputs, file_digest, hash_obj, write_json, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, hash_obj, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher
 
-    check_outputs(metrics, folders=(out, live_dir, resume_dir), stage="teacher")
+    check_outputs(metrics, folders=(out, live_dir), scratch=(resume_dir,), stage="teacher")
 
     distributed.init_from_env()
     prepared = load_prepared(data)
@@ -46,9 +46,9 @@ def teacher(
         return
     if not p.checkpoint:
         resume.unlink(missing_ok=True)
-    save_model(out / "model.pt", model, spec, data_id=prepared.data_id, classes=prepared.meta["classes"],
-               mean=prepared.meta["mean"], std=prepared.meta["std"])
+    with atomic_dir(out) as tmp:
+        save_model(tmp / "model.pt", model, spec, data_id=prepared.data_id, classes=prepared.meta["classes"],
+                   mean=prepared.meta["mean"], std=prepared.meta["std"])
+        write_manifest(tmp, "teacher", section, inputs={"data": prepared.data_id}, extra={"history": history})
     write_json(metrics, summary)
-    write_manifest(out, "teacher", section, inputs={"data": prepared.data_id},
-                   files={"model.pt": file_digest(out / "model.pt")}, extra={"history": history})
     typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")

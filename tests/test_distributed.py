@@ -17,12 +17,12 @@ PARAMS = {"teacher": {"model": {"arch": "vit_ett", "width": 0.0625},  # LayerNor
 def run(tmp_path, name, launcher):
     out = tmp_path / name
     cmd = [*launcher, "-m", "stages.cli", "teacher", "-p", str(tmp_path / "params.yaml"), "--data",
-           str(tmp_path / "data"), "--out", str(out), "--metrics", str(out / "m.json"), "--live-dir",
-           str(out / "live"), "--resume-dir", str(out / "resume")]
+           str(tmp_path / "data"), "--out", str(out), "--metrics", str(tmp_path / f"{name}.json"),
+           "--live-dir", str(tmp_path / f"{name}-live"), "--resume-dir", str(tmp_path / f"{name}-resume")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return json.loads((out / "m.json").read_text()), result
+    return json.loads((tmp_path / f"{name}.json").read_text()), result
 
 
 def test_two_processes_match_one(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.io import BLOCK, atomic_path, file_digest, read_verified, save_npy, write_json, write_manifest
+from pipeline.io import (BLOCK, atomic_dir, atomic_path, check_outputs, file_digest, read_verified, save_npy,
+                         write_json, write_manifest)
 
 
 def block_sha256(data: bytes) -> str:
@@ -108,3 +109,26 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     with atomic_path(path) as tmp:
         tmp.write_text("new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_folder_output_replaces_only_a_folder_this_pipeline_wrote(tmp_path, monkeypatch):
+    mine = tmp_path / "docs"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for check in (lambda: check_outputs(folders=(mine,)), lambda: atomic_dir(mine).__enter__()):
+        with pytest.raises(InputError, match="docs holds files this pipeline did not write"):
+            check()
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and sorted(tmp_path.iterdir()) == [mine]
+    with pytest.raises(InputError, match=r"output .*out/live is inside .*out, which is replaced whole"):
+        check_outputs(tmp_path / "m.json", folders=(tmp_path / "out", tmp_path / "out/live"))
+    monkeypatch.chdir(mine)
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match="holds the working folder"):
+        check_outputs(folders=(tmp_path,))
+    for marker in ("manifest.json", "metrics.json"):  # a stage's outputs, dvclive's curves
+        ours = tmp_path / f"out-{marker}"
+        ours.mkdir()
+        (ours / marker).write_text("{}")
+        with atomic_dir(ours) as tmp:
+            (tmp / "new").write_text("new")
+        assert [p.name for p in ours.iterdir()] == ["new"]

@@ -205,6 +205,33 @@ def test_a_killed_cache_leaves_no_partial_file_and_nothing_the_student_accepts(t
         load_cache(tmp_path / "c", teacher_id, data.data_id, [3, 7])
 
 
+def test_a_cache_stage_failing_midway_leaves_the_earlier_cache_whole(trained, monkeypatch):
+    import pipeline.cache
+
+    assert score(trained).exit_code == 0 and cache(trained, out="cache_f").exit_code == 0
+    def files():  # inodes too: a file rewritten with the same bytes was still replaced
+        return {p.name: (p.read_bytes(), p.stat().st_ino) for p in (trained / "cache_f").iterdir()}
+
+    earlier = files()
+    written, save = [], pipeline.cache.save_npy
+
+    def disk_full_at_second_file(path, array):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        return save(path, array)
+
+    monkeypatch.setattr(pipeline.cache, "save_npy", disk_full_at_second_file)
+    result = cache(trained, "-S", "cache.batch_size=7", out="cache_f")
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert written and files() == earlier
+    assert not [p for p in trained.iterdir() if p.name.startswith(".cache_f")]  # no temporary left beside it
+    data = load_prepared(trained / "data")
+    _, _, teacher_id = load_teacher(trained / "teacher", data)
+    layers = read_manifest(trained / "cache_f", "cache")["layers"]
+    assert load_cache(trained / "cache_f", teacher_id, data.data_id, layers)[2]["params"]["batch_size"] != 7
+
+
 def test_cache_refuses_scores_of_another_teacher(trained):
     assert score(trained, out="scores_old").exit_code == 0
     manifest = read_manifest(trained / "scores_old", "score")
