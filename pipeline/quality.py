@@ -102,8 +102,11 @@ def information(spectra: torch.Tensor, lengths: torch.Tensor, mean_min_intra: fl
     q = q / q.sum(1, keepdim=True)
     entropy = -(q * q.log()).sum(1)
     entropy = torch.nan_to_num(entropy, nan=0.0)
-    if mode == "reference":  # its float32 spectra underflow the guard: a padding zero among the M ratios is 0 * log 0
-        entropy[lengths.to(entropy.device) < kept] = 0.0  # = NaN, set to 0 (padding, not the Gram's clamped zeros)
+    # the reference's float32 spectra underflow the guard: a padding zero among its M ratios is 0 * log 0 = NaN, set
+    # to 0. Not copied: its SVD's own exact zeros (seen on CPU for classes with many all-zero channels), which depend
+    # on the SVD backend; here a class's rank-deficient tail (the Gram's clamped zeros) keeps its entropy
+    if mode == "reference":
+        entropy[lengths.to(entropy.device) < kept] = 0.0
     mean_entropy = entropy.mean().item()
     return (1 - mean_min_intra) * mean_entropy / normaliser, mean_entropy, kept
 

@@ -59,7 +59,7 @@ def numpy_quality(fa, ya, fb, yb, n_train, mode):
         H = np.nan_to_num(-(q * np.log(q)).sum(1), nan=0.0)
     I = (1 - np.mean(min_intra)) * H.mean() / normaliser
     E = 2 * np.mean(dmin) / np.mean(class_norm) * (n_train / math.pi) ** (1 / r)
-    return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E), "M": M, "r": r}
+    return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E), "sqrtIE": math.sqrt(I * E), "M": M, "r": r}
 
 
 def features(n_per_class, classes, dims, seed, spread=1.0):
@@ -70,17 +70,20 @@ def features(n_per_class, classes, dims, seed, spread=1.0):
 
 
 @pytest.mark.parametrize("mode", ["reference", "corrected"])
-@pytest.mark.parametrize("dims", [20, 4])  # D > class size and D < class size (other spectrum branch)
-def test_matches_numpy_formulas(mode, dims):
+@pytest.mark.parametrize("dims, unequal", [(20, True), (4, True), (40, False)])  # D > or < class size (the other
+def test_matches_numpy_formulas(mode, dims, unequal):  # spectrum branch); equal classes: no entropy zeroed
     fa, ya = features(8, 3, dims, seed=1)
     fb, yb = features(6, 3, dims, seed=2)
-    fb, yb = fb[:-1], yb[:-1]  # unequal class sizes: zero padding in the spectra
+    if unequal:
+        fb, yb = fb[:-1], yb[:-1]  # zero padding in the spectra: in reference mode, those classes' entropy is 0
     want = numpy_quality(fa, ya, fb, yb, n_train=1000, mode=mode)
     got = layer_quality(torch.from_numpy(fa), torch.from_numpy(ya), torch.from_numpy(fb), torch.from_numpy(yb),
                         n_train=1000, mode=mode).to_dict()
-    for key in ("S", "I", "E", "Q"):
+    for key in ("S", "I", "E", "Q", "sqrtIE"):
         assert got[key] == pytest.approx(want[key], abs=1e-6, rel=1e-6), key
     assert (got["M"], got["r"]) == (want["M"], want["r"])
+    if not unequal:
+        assert got["I"] > 0.1
 
 
 def test_corrected_mode_gives_an_all_zero_feature_vector_cosine_0():
