@@ -94,7 +94,11 @@ def predict(model_path: Path, inputs: Inputs, classes: list[str], top_k: int, pr
     """Rows of (input, class, probability, top-k) and the execution provider actually used."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), providers=providers)
+    try:
+        session = ort.InferenceSession(str(model_path), providers=providers)
+    except Exception as err:  # onnxruntime's errors (bad ops, opsets, weights) derive from Exception alone
+        from pipeline.errors import InputError
+        raise InputError(f"{model_path}: onnxruntime cannot load it: {' '.join(str(err).split())}") from None
     rows = []
     k = min(top_k, len(classes))
     for start in range(0, len(inputs.images), batch_size):

@@ -46,8 +46,10 @@ def predict(
         raise InputError(f"no images found in {', '.join(map(str, inputs))}")
     for name, reason in found.skipped:
         typer.echo(f"skipped {name}: {reason}", err=True)
-    rows, used = run_predict(model, found, info["classes"], top_k, pick_providers(provider)) if found.images \
-        else ([], "none")
+    if not found.images:  # nothing to write: an earlier --out stays as it was
+        typer.echo(f"0 predicted, {len(found.skipped)} skipped", err=True)
+        raise typer.Exit(SKIPPED_EXIT)
+    rows, used = run_predict(model, found, info["classes"], top_k, pick_providers(provider))
     typer.echo(f"{len(rows)} predicted, {len(found.skipped)} skipped, provider {used}", err=True)
     text = _format(rows, out.suffix.lower() if out else ".csv")
     if out:

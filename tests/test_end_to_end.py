@@ -178,6 +178,21 @@ def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
         result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(path)])
         assert result.exit_code == 2 and result.output.startswith(f"error: {path}: ") and message in result.output
         assert result.output.count("\n") == 1, result.output
+    proto = onnx.load(str(repo / "models/export/model.onnx"))  # our metadata, a graph onnxruntime cannot load
+    proto.graph.node[0].op_type = "NoSuchOp"
+    onnx.save_model(proto, str(tmp_path / "bad-op.onnx"))
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "one/a.png")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "one"), "--model", str(tmp_path / "bad-op.onnx")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {tmp_path / 'bad-op.onnx'}: onnxruntime "
+                                                              "cannot load it") and result.output.count("\n") == 1
+    (tmp_path / "big").mkdir()  # every input skipped: an earlier --out is left as it was
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "big/a.png")
+    (tmp_path / "earlier.csv").write_text("earlier")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "big"), "--model",
+                                      str(repo / "models/export/model.onnx"), "--out", str(tmp_path / "earlier.csv")])
+    assert result.exit_code == 3 and "0 predicted, 1 skipped" in result.output
+    assert (tmp_path / "earlier.csv").read_text() == "earlier"
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "empty"), "--model",
                                       str(repo / "models/export/model.onnx")])
