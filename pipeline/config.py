@@ -6,7 +6,7 @@ Kept free of torch so that commands can validate params (and print `--help`) ins
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
@@ -19,7 +19,17 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeding range
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf/NaN: they would fail only at training time, as a "non-finite loss"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_boolean_for_a_number(cls, value, info):
+        """Lax pydantic reads `epochs: true` as 1; strict mode would refuse `lr: 1e-3`, which YAML reads as a string."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in (annotation, *get_args(annotation)):
+            raise ValueError(f"{str(value).lower()} (a boolean) is not valid here")
+        return value
 
 
 class PrepareParams(Section):
@@ -249,7 +259,8 @@ def load_params(path: str | Path | None, overrides: list[str] = ()) -> Params:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"params file not found: {path}")
-        tree = _read_yaml(path) or {}
+        tree = _read_yaml(path)
+        tree = {} if tree is None else tree  # an empty file: the defaults
         if not isinstance(tree, dict):
             raise InputError(f"params file {path} must hold a mapping of sections")
     for item in overrides:
