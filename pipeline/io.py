@@ -36,6 +36,9 @@ def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = (), scra
     its old self before another failed), or, for `stage`, a folder holding another stage's outputs. `folders` are
     replaced whole, so they must not hold what this pipeline did not write; `scratch` folders are written into."""
     everything = [Path(p).resolve() for p in (*files, *folders, *scratch)]
+    twice = next((p for p in everything if everything.count(p) > 1), None)
+    if twice is not None:
+        raise InputError(f"output {twice} is given for two outputs: one would replace the other")
     for folder in folders:
         _check_replaceable(Path(folder))
         inside = next((p for p in everything if Path(folder).resolve() in p.parents), None)
@@ -109,13 +112,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        try:
+            if path.exists():
+                os.replace(path, old / path.name)
             os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        except BaseException:  # e.g. SIGTERM between the two renames: the earlier outputs go back in place
+            if not path.exists() and (old / path.name).exists():
+                os.replace(old / path.name, path)
+            raise
+        finally:
+            if path.exists():  # never the only copy
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

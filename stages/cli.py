@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+
 import typer
+from typer.core import TyperGroup
 
 from stages.cache import cache
 from stages.evaluate import evaluate
@@ -15,7 +20,43 @@ from stages.show_params import params
 from stages.student import student
 from stages.teacher import teacher
 
+# click's exceptions, wherever this typer takes click from (recent ones carry their own copy)
+clicks = sys.modules[typer.BadParameter.__module__]
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+class OneLineErrors(TyperGroup):
+    """A mistyped option or a missing argument ends in one line and exit code 2, as every other bad input; SIGTERM
+    (a stopped queue worker, torchrun ending a failed job) unwinds like Ctrl-C, removing temporary outputs."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except clicks.NoArgsIsHelpError as err:
+            err.show()
+            code = err.exit_code
+        except clicks.ClickException as err:
+            hint = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
+            print(f"error: {' '.join(err.format_message().split())}{hint}", file=sys.stderr)
+            code = err.exit_code
+        except typer.Abort:
+            print("error: aborted", file=sys.stderr)
+            code = 1
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="kd",
     help="Logit-free feature knowledge distillation pipeline (Cooper et al., 2025), one command per DVC stage.",
     no_args_is_help=True,

@@ -18,7 +18,7 @@ TeacherOpt = typer.Option(Path("models/teacher"), "--teacher", help="output fold
 
 
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever a library's message holds
     raise typer.Exit(code)
 
 

@@ -119,6 +119,8 @@ def test_a_folder_output_replaces_only_a_folder_this_pipeline_wrote(tmp_path, mo
         with pytest.raises(InputError, match="docs holds files this pipeline did not write"):
             check()
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and sorted(tmp_path.iterdir()) == [mine]
+    with pytest.raises(InputError, match=r"output .*/m.json is given for two outputs"):
+        check_outputs(tmp_path / "m.json", tmp_path / "x/../m.json")
     with pytest.raises(InputError, match=r"output .*out/live is inside .*out, which is replaced whole"):
         check_outputs(tmp_path / "m.json", folders=(tmp_path / "out", tmp_path / "out/live"))
     monkeypatch.chdir(mine)
@@ -132,3 +134,25 @@ def test_a_folder_output_replaces_only_a_folder_this_pipeline_wrote(tmp_path, mo
         with atomic_dir(ours) as tmp:
             (tmp / "new").write_text("new")
         assert [p.name for p in ours.iterdir()] == ["new"]
+
+
+def test_a_folder_swap_stopped_between_its_renames_puts_the_earlier_outputs_back(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("earlier")
+    renames, rename = [], os.replace
+
+    def stopped_at_second_rename(src, dst):  # SIGTERM once the earlier folder is moved aside
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out) as tmp:
+            (tmp / "manifest.json").write_text("new")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "manifest.json").read_text() == "earlier"

@@ -95,6 +95,11 @@ def test_overrides_apply_in_order_and_quote_strings():
     assert p.prepare.cache_dir == "a=b"  # only the first '=' splits
 
 
+def test_numbers_in_exponent_form_and_booleans_where_booleans_belong():  # YAML reads 1e-3 as a string
+    p = load_params(None, ["student.train.lr=1e-3", "teacher.train.augment=true", "student.train.epochs='7'"])
+    assert (p.student.train.lr, p.teacher.train.augment, p.student.train.epochs) == (0.001, True, 7)
+
+
 def test_override_new_section_on_defaults():
     p = load_params(None, ["teacher.train.epochs=2", "prepare.source=cifar10"])
     assert p.teacher.train.epochs == 2 and p.teacher.train.batch_size == 128 and p.prepare.source == "cifar10"
@@ -177,6 +182,12 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     ("seeds: [0, 1, 0]\n", "params: seeds: 0 listed twice: each run is trained once"),
     ("methods: [ours, ce, ours]\n", "params: methods: ours listed twice: each run is trained once"),
     ("export:\n  opset: 17\n", "params: export.opset: Input should be greater than or equal to 18"),
+    ("teacher:\n  train:\n    epochs: true\n", "params: teacher.train.epochs: true (a boolean) is not valid here"),
+    ("prepare:\n  channels: true\n", "params: prepare.channels: true (a boolean) is not valid here"),
+    ("student:\n  model:\n    width: yes\n", "params: student.model.width: true (a boolean) is not valid here"),
+    ("student:\n  train:\n    lr: .inf\n", "params: student.train.lr: Input should be a finite number"),
+    ("export:\n  atol: .nan\n", "params: export.atol: Input should be a finite number"),
+    ("student:\n  kl_tau: 1e999\n", "params: student.kl_tau: Input should be a finite number"),
 ])
 def test_wrong_type(tmp_path, text, message):
     with pytest.raises(InputError) as err:
@@ -191,8 +202,10 @@ def test_bad_yaml_missing_file_not_a_mapping(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match=r"params file not found: .*nope\.yaml"):
         load_params(tmp_path / "nope.yaml")
-    with pytest.raises(InputError, match="must hold a mapping of sections"):
-        load_params(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    for text in ("- a\n- b\n", "[]\n", "false\n", "0\n"):  # falsy ones too: not the defaults
+        with pytest.raises(InputError, match="must hold a mapping of sections"):
+            load_params(write(tmp_path, text, "list.yaml"))
+    assert load_params(write(tmp_path, "", "empty.yaml")) == load_params(None)
     with pytest.raises(InputError, match=r"tab\.yaml is not valid YAML at line 2, column 1: found character '\\t'"):
         load_params(write(tmp_path, "teacher:\n\tdevice: cpu\n", "tab.yaml"))
     with pytest.raises(InputError, match=r"twice\.yaml is not valid YAML at line 4, column 5: key 'epochs' given twice"):
@@ -228,6 +241,16 @@ def test_cli_bad_params_file(tmp_path, monkeypatch, command):
     line = one_line_error(runner.invoke(app, [command, "-p", "typo.yaml", "-S", "seed", *out]))
     assert line == "error: override 'seed' is not key=value"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "typo.yaml"]  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["student", "--epochs", "3"], "error: No such option: --epochs (see `kd student --help`)"),
+    (["predict"], "error: Missing argument 'inputs'. (see `kd predict --help`)"),
+    (["predict", "x", "--top-k", "0"], "error: Invalid value for '--top-k': Input should be greater than or equal to"),
+    (["nosuch"], "error: No such command 'nosuch'. (see `kd --help`)"),
+])
+def test_cli_usage_errors_are_one_line(args, message):
+    assert one_line_error(runner.invoke(app, args)).startswith(message)
 
 
 def test_cli_default_params_file_is_params_yaml_in_cwd(tmp_path, monkeypatch):

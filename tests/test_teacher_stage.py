@@ -1,6 +1,7 @@
 """The `kd teacher` command on a tiny prepared dataset written in the real output format."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from stages.cli import app
 from tiny import write_prepared
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -154,3 +156,27 @@ def test_outputs_onto_another_stages_folder_or_an_unwritable_one_are_refused_bef
     assert result.exit_code == 2 and result.output.strip() == (
         "error: output locked/m.json: cannot write in locked (Operation not permitted)")
     assert not (workdir / "teacher").exists() and not (workdir / "live").exists()
+
+
+def test_a_stage_stopped_by_sigterm_removes_its_temporaries_and_keeps_the_earlier_outputs(workdir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    assert run_teacher("-S", "teacher.train.epochs=1").exit_code == 0
+    earlier = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "data" not in p.parts}
+    cmd = [sys.executable, "-m", "stages.cli", "teacher", "--data", "data", "--out", "teacher", "--metrics", "m.json",
+           "--live-dir", "live", "-S", "teacher.train.epochs=100000"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(workdir.glob(".live.*.tmp")):  # training: its curves go to a temporary folder beside `live`
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert [p.name for p in workdir.iterdir() if p.name.startswith(".") and p.name != ".kd-resume"] == []
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "data" not in p.parts
+            and ".kd-resume" not in p.parts} == earlier
