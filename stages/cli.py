@@ -30,7 +30,7 @@ def _terminated(signum, frame):
 
 class OneLineErrors(TyperGroup):
     """A mistyped option or a missing argument ends in one line and exit code 2, as every other bad input; SIGTERM
-    (a stopped queue worker, torchrun ending a failed job) unwinds like Ctrl-C, removing temporary outputs."""
+    (torchrun ending a failed job, a process manager stopping one) unwinds like Ctrl-C, removing temporary outputs."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
