@@ -8,6 +8,7 @@ import pytest
 from pipeline.errors import InputError
 from pipeline.io import (BLOCK, atomic_dir, atomic_path, check_outputs, file_digest, read_verified, save_npy,
                          write_json, write_manifest)
+from tiny import killed_at_rename
 
 
 def block_sha256(data: bytes) -> str:
@@ -137,20 +138,10 @@ def test_a_folder_output_replaces_only_a_folder_this_pipeline_wrote(tmp_path, mo
 
 
 def test_a_folder_swap_stopped_between_its_renames_puts_the_earlier_outputs_back(tmp_path, monkeypatch):
-    import os
-
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.json").write_text("earlier")
-    renames, rename = [], os.replace
-
-    def stopped_at_second_rename(src, dst):  # SIGTERM once the earlier folder is moved aside
-        renames.append(dst)
-        if len(renames) == 2:
-            raise KeyboardInterrupt
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "replace", stopped_at_second_rename)
+    killed_at_rename(monkeypatch, 2)  # once the earlier folder is moved aside
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(out) as tmp:
             (tmp / "manifest.json").write_text("new")

@@ -16,7 +16,7 @@ from pipeline.layers import layer_view
 from pipeline.quality import select_layers
 from pipeline.teacher import load_teacher
 from stages.cli import app
-from tiny import tiny_pipeline
+from tiny import killed_at_rename, tiny_pipeline
 
 runner = CliRunner()
 
@@ -186,15 +186,7 @@ def test_a_killed_cache_leaves_no_partial_file_and_nothing_the_student_accepts(t
         write_cache(model, data, [3, 7], torch.device("cpu"), 40, tmp_path / "c", on_batch=kill)
     assert not (tmp_path / "c").exists() or list((tmp_path / "c").iterdir()) == []
 
-    renames, rename = [], os.replace
-
-    def killed_at_second_rename(src, dst):  # killed once the second file is written, before it is in place
-        renames.append(dst)
-        if len(renames) == 2:
-            raise KeyboardInterrupt
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_at_second_rename)
+    renames = killed_at_rename(monkeypatch, 2)  # once the second file is written, before it is in place
     with pytest.raises(KeyboardInterrupt):
         write_cache(model, data, [3, 7], torch.device("cpu"), 40, tmp_path / "c")
     monkeypatch.undo()

@@ -61,3 +61,19 @@ def tiny_pipeline(root):
         result = run_stage(root, stage, *extra)
         assert result.exit_code == 0, result.output
     return root
+
+
+def killed_at_rename(monkeypatch, n: int) -> list:
+    """os.replace killed (KeyboardInterrupt) at its n-th call, before that rename; returns the destinations asked."""
+    import os
+
+    renames, rename = [], os.replace
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == n:
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return renames
