@@ -10,11 +10,12 @@ between the cells that can share them, trains up to --jobs students at once on o
 scores and cache meanwhile, so no slot waits for them), and after each finished run rewrites
 experiments/results/<cell>.json: a chunk cut short keeps what it finished and the next chunk skips it. The params
 file, the grid and extra -S overrides (e.g. fewer epochs for a smoke run) key the work folder, so outputs made
-otherwise are never reused; runs already in experiments/results are skipped, so delete those files when the grid
-changes. An ablation run whose criterion selects the teacher layers of the main (Q) cell's run with the same
-method and seed would repeat it: that run is recorded for it (`same_run_as`) instead, its teacher possibly an
-earlier chunk's (as the seeds of one cell may be; each entry keeps its teacher's accuracy). `--teacher-bank`
-restores a teacher an earlier session trained on these params and data instead of training it (teacher_bank.py).
+otherwise are never reused; runs already in experiments/results are skipped, and `run` refuses to start while one
+of them was trained with other student params than the grid now gives it (edit the grid, delete those runs). An
+ablation run whose criterion selects the teacher layers of the main (Q) cell's run with the same method and seed
+would repeat it: that run is recorded for it (`same_run_as`) instead, its teacher possibly an earlier chunk's (as
+the seeds of one cell may be; each entry keeps its teacher's accuracy). `--teacher-bank` restores a teacher an
+earlier session trained on these params and data instead of training it (teacher_bank.py).
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ class Runner:
                  "started_s": round(start - since, 1), "wall_seconds": round(time.perf_counter() - start, 1),
                  "jobs": jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
+                 "params_hash": read_json(student / "manifest.json")["params_hash"],
                  "code_version": read_json(student / "manifest.json")["code_version"]}
         write_json(run / "run.json", entry)
         return entry
@@ -412,6 +414,10 @@ def run(args) -> int:
         mixed = _other_variant(args.results / f"{cell.name}.json", info)
         if mixed:
             return _bad_input(mixed)
+    changed = changed_runs(cells, args.results, runner.params, args.set or [])
+    if changed:
+        return _bad_input(f"{len(changed)} recorded runs were trained with other student params than the grid gives "
+                          f"them now (e.g. {changed[0]}): delete them from {args.results}, or restore the grid")
     # seed-major: a chunk cut short has compared all methods on the seeds it finished, with one teacher (a later
     # chunk on a fresh machine trains its own)
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
@@ -426,6 +432,29 @@ def run(args) -> int:
         print(f"{len(chunk.failed)} failed (the other runs are recorded):", *chunk.failed, sep="\n  ", file=sys.stderr)
         return 1
     return 0
+
+
+def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str]) -> list[str]:
+    """The recorded runs whose student params (their manifest's hash) differ from those the grid gives them now:
+    they would be taken for done. Runs recorded before runs kept that hash are not checked."""
+    from pipeline.config import load_params
+    from pipeline.errors import InputError
+    from pipeline.io import hash_obj
+    from pipeline.student import recorded_params
+
+    changed = []
+    for cell in cells:
+        for key, entry in _read_runs(results / f"{cell.name}.json").items():
+            if "params_hash" not in entry:
+                continue
+            try:
+                now = hash_obj(recorded_params(load_params(params, merged(
+                    cell.run_overrides(entry["method"], entry["seed"]), extra))))
+            except InputError:  # the grid now gives this run params the stages refuse
+                now = None
+            if now != entry["params_hash"]:
+                changed.append(f"{cell.name} {key}")
+    return changed
 
 
 def recorded_wall_seconds(results: Path) -> dict[tuple[str, str], float]:

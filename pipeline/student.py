@@ -89,6 +89,11 @@ def build_distiller(student_spec: ModelSpec, method: str, student_layers: list[i
     return distiller
 
 
+def recorded_params(cfg) -> dict:
+    """What the student stage records as its params (its manifest's `params`): the seed and the student section."""
+    return {"seed": cfg.seed, **cfg.student.model_dump()}
+
+
 def loss_weights(params: StudentParams) -> LossWeights:
     return LossWeights(ce=params.ce_weight, kl=params.kl_weight, tau=params.kl_tau, feature=params.feature_weight,
                        relation=params.relation_weight)

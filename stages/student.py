@@ -29,7 +29,7 @@ def student(
     from pipeline import distributed
     from pipeline.data import load_prepared
     from pipeline.io import atomic_dir, check_outputs, hash_obj, write_json, write_manifest
-    from pipeline.student import save_student, teacher_inputs, train_student
+    from pipeline.student import recorded_params, save_student, teacher_inputs, train_student
     from pipeline.teacher import load_teacher
 
     check_outputs(metrics, folders=(out, live_dir), scratch=(resume_dir,), stage="student")
@@ -39,7 +39,7 @@ def student(
     teacher, teacher_spec, teacher_id = load_teacher(teacher_dir, prepared)
     train_data = prepared.train_subset(p.train_subset)
     selected, cache = teacher_inputs(p, teacher_spec.arch, teacher_id, train_data, scores, cache_dir)
-    section = {"seed": cfg.seed, **p.model_dump()}
+    section = recorded_params(cfg)
     key = hash_obj({"params": section, "data": prepared.data_id, "teacher": teacher_id})
     resume = resume_dir / f"student-{key}.pt"
     with training_callbacks(f"student {p.method}", p.train.epochs, live_dir) as callbacks:

@@ -149,6 +149,23 @@ def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
     assert "0 runs to do" in where  # where the data lie is no variant
 
 
+def test_runs_recorded_with_other_student_params_than_the_grid_gives_now_are_refused(grid, tmp_path):
+    shutil.copytree(grid / "results", tmp_path / "results")
+    edited = {**yaml.safe_load((grid / "grid.yaml").read_text()), "method_overrides": {"ce": ["student.train.lr=0.02"]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(edited))
+    cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(tmp_path / "grid.yaml"), "--results",
+           str(tmp_path / "results"), "run", "--work", str(tmp_path / "work")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: 2 recorded runs were trained with other student params than the grid "
+                                    "gives them now (e.g. small-resnet9-Q ce-s0)")
+    assert not (tmp_path / "work").exists()
+    edited["method_overrides"] = {"ours": ["student.feature_weight=1.0"]}  # the default: the same params
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(edited))
+    assert paper.changed_runs(paper.load_grid(tmp_path / "grid.yaml")[1], tmp_path / "results",
+                              grid / "params.yaml", []) == []
+
+
 def test_failed_runs_leave_the_others_recorded_and_exit_1(grid, tmp_path):
     """One cell whose scores fail, one run whose params fail: every other run is still trained and recorded."""
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
