@@ -210,6 +210,7 @@ class Runner:
                 "--metrics", str(run / "probe.json"))
         probe_seconds = time.perf_counter() - start - student_seconds
         trained, probe = read_json(run / "student.json"), read_json(run / "probe.json")
+        manifest = read_json(student / "manifest.json")
         entry = {"method": method, "seed": seed, "test_acc": trained["test_acc"],
                  "best_test_acc": trained["best_test_acc"], "best_epoch": trained["best_epoch"],
                  "epochs": trained["epochs"], "probe_test_acc": probe["probe_test_acc"],
@@ -223,8 +224,7 @@ class Runner:
                  "started_s": round(start - since, 1), "wall_seconds": round(time.perf_counter() - start, 1),
                  "jobs": jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
-                 "params_hash": read_json(student / "manifest.json")["params_hash"],
-                 "code_version": read_json(student / "manifest.json")["code_version"]}
+                 "params_hash": manifest["params_hash"], "code_version": manifest["code_version"]}
         write_json(run / "run.json", entry)
         return entry
 
@@ -436,7 +436,7 @@ def run(args) -> int:
 
 def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str]) -> list[str]:
     """The recorded runs whose student params (their manifest's hash) differ from those the grid gives them now:
-    they would be taken for done. Runs recorded before runs kept that hash are not checked."""
+    they would be taken for done. Runs recorded without that hash (before it was kept) are not checked."""
     from pipeline.config import load_params
     from pipeline.errors import InputError
     from pipeline.io import hash_obj
