@@ -98,7 +98,7 @@ def predict(model_path: Path, inputs: Inputs, classes: list[str], top_k: int, pr
         session = ort.InferenceSession(str(model_path), providers=providers)
     except Exception as err:  # onnxruntime's errors (bad ops, opsets, weights) derive from Exception alone
         from pipeline.errors import InputError
-        raise InputError(f"{model_path}: onnxruntime cannot load it: {' '.join(str(err).split())}") from None
+        raise InputError(f"{model_path}: onnxruntime cannot load it: {err}") from None
     rows = []
     k = min(top_k, len(classes))
     for start in range(0, len(inputs.images), batch_size):

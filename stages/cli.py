@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from stages.cache import cache
+from stages.common import error_line
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.predict import predict
@@ -44,7 +45,7 @@ class OneLineErrors(TyperGroup):
             code = err.exit_code
         except clicks.ClickException as err:
             hint = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
-            print(f"error: {' '.join(err.format_message().split())}{hint}", file=sys.stderr)
+            print(error_line(err.format_message() + hint), file=sys.stderr)
             code = err.exit_code
         except typer.Abort:
             print("error: aborted", file=sys.stderr)

@@ -17,8 +17,13 @@ DataOpt = typer.Option(Path("data/prepared"), help="output folder of `prepare`")
 TeacherOpt = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`")
 
 
+def error_line(message: str) -> str:
+    """`error: <message>` in one line, whatever line breaks a library's message holds."""
+    return f"error: {' '.join(message.split())}"
+
+
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever a library's message holds
+    typer.echo(error_line(message), err=True)
     raise typer.Exit(code)
 
 
