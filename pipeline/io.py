@@ -222,7 +222,8 @@ def environment() -> dict[str, str]:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "device": device, "cpu_threads": torch.get_num_threads()}
+            "device": device, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # which card of several
+            "cpu_threads": torch.get_num_threads()}
 
 
 def write_manifest(out_dir: str | Path, stage: str, params: dict, inputs: dict[str, str],

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from dvc import api as dvc_api
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -324,8 +325,16 @@ def test_evaluate_reads_only_the_runs_of_the_current_matrix(repo, tmp_path):
         f"ours {metrics['ours']['last_epoch_top1']:.2%} (last epoch, mean over seeds) -> {tmp_path / 's.md'}")
 
 
-def test_queued_experiments_run_two_at_a_time(repo):
-    """`dvc exp run --queue` + `dvc queue start -j 2`: a seeds x methods sweep on top of the committed pipeline."""
+# README's recipe for one queue worker per GPU, on two GPUs: dvc numbers its workers and `-j k` starts only the
+# missing ones, so the k-th is started, with its GPU, once the others have registered
+PER_GPU_WORKERS = """for gpu in 0 1; do
+  CUDA_VISIBLE_DEVICES=$gpu dvc queue start -j $((gpu + 1))
+  until dvc queue status | awk -v n=$((gpu + 1)) '/^Worker status/ {exit ($3 + $5 < n)}'; do sleep 1; done
+done"""
+
+
+def test_queued_experiments_run_at_once_one_worker_per_gpu(repo):
+    """`dvc exp run --queue` + README's worker per GPU: a seeds x methods sweep on top of the committed pipeline."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}  # two workers on two cores, as the README says
 
@@ -340,22 +349,29 @@ def test_queued_experiments_run_two_at_a_time(repo):
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
     dvc("exp", "run", "--queue", "-n", "seed1-ours", "-S", "seeds=[1]", "-S", "methods=[ours]")
     dvc("exp", "run", "--queue", "-n", "seed1-ce", "-S", "seeds=[1]", "-S", "methods=[ce]")
-    dvc("queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
+    assert PER_GPU_WORKERS.replace("in 0 1;", "in 0 1 2 3;") in (ROOT / "README.md").read_text()
+    subprocess.run(["bash", "-ec", PER_GPU_WORKERS], cwd=repo, env=env, check=True, timeout=120)
+    deadline, most_running = time.monotonic() + 600, 0
     while "Queued" in (status := dvc("queue", "status")) or "Running" in status:
         assert time.monotonic() < deadline, status
-        time.sleep(3)
+        most_running = max(most_running, status.count("Running"))
+        time.sleep(2)
     assert status.count("Success") == 2, status + dvc("queue", "logs", "seed1-ce")
+    assert most_running == 2, "the two experiments never ran at the same time"
     log = dvc("queue", "logs", "seed1-ours")
     for stage in ("prepare", "teacher", "score"):  # the sweep reuses the committed teacher and its scores
         assert f"Stage '{stage}' didn't change" in log, log
     baseline = next(row for row in json.loads(dvc("exp", "show", "--json")) if row["rev"] != "workspace")
-    rows = {row["name"]: row for row in baseline["experiments"]}
+    rows, devices = {row["name"]: row for row in baseline["experiments"]}, {}
     for name, method in (("seed1-ours", "ours"), ("seed1-ce", "ce")):
         data = rows[name]["revs"][0]["data"]
         metrics = data["metrics"]["metrics/evaluate.json"]["data"]
         assert set(metrics) == {"teacher", method}, metrics
         assert 0.1 < metrics[method]["last_epoch_top1"] <= 1
         assert data["params"]["params.yaml"]["data"]["seeds"] == [1]
+        manifest = dvc_api.read(f"runs/student-{method}-s1/manifest.json", repo=str(repo),
+                                rev=rows[name]["revs"][0]["rev"])
+        devices[name] = json.loads(manifest)["environment"]["cuda_visible_devices"]
+    assert sorted(devices.values()) == ["0", "1"], devices  # each ran on its own worker's GPU
     # the sweep ran in temporary copies: the workspace still holds the baseline's outputs
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())) == {"teacher", "ours", "ce"}
