@@ -11,7 +11,7 @@ scores and cache meanwhile, so no slot waits for them), and after each finished 
 experiments/results/<cell>.json: a chunk cut short keeps what it finished and the next chunk skips it. The params
 file, the grid and extra -S overrides (e.g. fewer epochs for a smoke run) key the work folder, so outputs made
 otherwise are never reused; runs already in experiments/results are skipped, and `run` refuses to start while one
-of them was trained with other student params than the grid now gives it (edit the grid, delete those runs). An
+of them was made with other params than the grid now gives it (edit the grid, delete those runs). An
 ablation run whose criterion selects the teacher layers of the main (Q) cell's run with the same method and seed
 would repeat it: that run is recorded for it (`same_run_as`) instead, its teacher possibly an earlier chunk's (as
 the seeds of one cell may be; each entry keeps its teacher's accuracy). `--teacher-bank` restores a teacher an
@@ -224,7 +224,9 @@ class Runner:
                  "started_s": round(start - since, 1), "wall_seconds": round(time.perf_counter() - start, 1),
                  "jobs": jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
-                 "params_hash": manifest["params_hash"], "code_version": manifest["code_version"]}
+                 "params_hash": manifest["params_hash"],
+                 "upstream_hash": upstream_hash(self.params, cell, method, seed, self.extra),
+                 "code_version": manifest["code_version"]}
         write_json(run / "run.json", entry)
         return entry
 
@@ -416,8 +418,8 @@ def run(args) -> int:
             return _bad_input(mixed)
     changed = changed_runs(cells, args.results, runner.params, args.set or [])
     if changed:
-        return _bad_input(f"{len(changed)} recorded runs were trained with other student params than the grid gives "
-                          f"them now (e.g. {changed[0]}): delete them from {args.results}, or restore the grid")
+        return _bad_input(f"{len(changed)} recorded runs were made with other params than the grid gives them now "
+                          f"(e.g. {changed[0]}): delete them from {args.results}, or restore the grid")
     # seed-major: a chunk cut short has compared all methods on the seeds it finished, with one teacher (a later
     # chunk on a fresh machine trains its own)
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
@@ -434,9 +436,23 @@ def run(args) -> int:
     return 0
 
 
+def upstream_hash(params: Path, cell: Cell, method: str, seed: int, extra: list[str]) -> str:
+    """The params a run's data, teacher, scores and probe are made with (`prepare_cell` trains the teacher on the
+    cell's overrides, so with the params file's seed), where the data lie left out."""
+    from pipeline.config import load_params
+    from pipeline.io import hash_obj
+
+    shared = load_params(params, merged(cell.overrides, extra))
+    prepare = {k: v for k, v in shared.prepare.model_dump().items() if k not in ("root", "cache_dir")}
+    probe = load_params(params, merged(cell.run_overrides(method, seed), extra)).probe
+    return hash_obj({"seed": shared.seed, "prepare": prepare, "teacher": shared.teacher.model_dump(),
+                     "score": shared.score.model_dump(), "probe": probe.model_dump()})
+
+
 def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str]) -> list[str]:
-    """The recorded runs whose student params (their manifest's hash) differ from those the grid gives them now:
-    they would be taken for done. Runs recorded without that hash (before it was kept) are not checked."""
+    """The recorded runs made with other params than the grid gives them now, their student's (its manifest's
+    hash) or those of their data, teacher, scores or probe: they would be taken for done. Hashes a run was recorded
+    without (before they were kept) are not checked."""
     from pipeline.config import load_params
     from pipeline.errors import InputError
     from pipeline.io import hash_obj
@@ -445,14 +461,14 @@ def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str
     changed = []
     for cell in cells:
         for key, entry in _read_runs(results / f"{cell.name}.json").items():
-            if "params_hash" not in entry:
-                continue
+            method, seed = entry["method"], entry["seed"]
             try:
-                now = hash_obj(recorded_params(load_params(params, merged(
-                    cell.run_overrides(entry["method"], entry["seed"]), extra))))
+                now = {"params_hash": hash_obj(recorded_params(load_params(params, merged(
+                           cell.run_overrides(method, seed), extra)))),
+                       "upstream_hash": upstream_hash(params, cell, method, seed, extra)}
             except InputError:  # the grid now gives this run params the stages refuse
-                now = None
-            if now != entry["params_hash"]:
+                now = {}
+            if any(name in entry and now.get(name) != entry[name] for name in ("params_hash", "upstream_hash")):
                 changed.append(f"{cell.name} {key}")
     return changed
 

@@ -149,7 +149,7 @@ def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
     assert "0 runs to do" in where  # where the data lie is no variant
 
 
-def test_runs_recorded_with_other_student_params_than_the_grid_gives_now_are_refused(grid, tmp_path):
+def test_runs_recorded_with_other_params_than_the_grid_gives_now_are_refused(grid, tmp_path):
     shutil.copytree(grid / "results", tmp_path / "results")
     edited = {**yaml.safe_load((grid / "grid.yaml").read_text()), "method_overrides": {"ce": ["student.train.lr=0.02"]}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(edited))
@@ -157,13 +157,22 @@ def test_runs_recorded_with_other_student_params_than_the_grid_gives_now_are_ref
            str(tmp_path / "results"), "run", "--work", str(tmp_path / "work")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: 2 recorded runs were trained with other student params than the grid "
-                                    "gives them now (e.g. small-resnet9-Q ce-s0)")
+    assert result.stderr.startswith("error: 2 recorded runs were made with other params than the grid gives them "
+                                    "now (e.g. small-resnet9-Q ce-s0)")
     assert not (tmp_path / "work").exists()
-    edited["method_overrides"] = {"ours": ["student.feature_weight=1.0"]}  # the default: the same params
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(edited))
-    assert paper.changed_runs(paper.load_grid(tmp_path / "grid.yaml")[1], tmp_path / "results",
-                              grid / "params.yaml", []) == []
+
+    def changed(**grid_edits):
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**edited, **grid_edits}))
+        return paper.changed_runs(paper.load_grid(tmp_path / "grid.yaml")[1], tmp_path / "results",
+                                  grid / "params.yaml", [])
+
+    assert changed(method_overrides={"ours": ["student.feature_weight=1.0"]}) == []  # the default: the same params
+    assert changed(method_overrides={}, regimes={"small": ["teacher.train.epochs=2"]}) == [  # another teacher
+        "small-resnet9-Q ce-s0", "small-resnet9-Q ce-s1", "small-resnet9-Q ours-s0", "small-resnet9-Q ours-s1",
+        "small-resnet9-S ours-s0", "small-resnet9-S ours-s1"]
+    assert changed(method_overrides={"ce": ["probe.holdout=0.2"]}) == ["small-resnet9-Q ce-s0", "small-resnet9-Q ce-s1"]
+    assert len(changed(method_overrides={}, regimes={"small": ["score.subset_a=90"]})) == 6
+    assert changed(method_overrides={}, regimes={"small": ["prepare.cache_dir=elsewhere"]}) == []  # where, not what
 
 
 def test_failed_runs_leave_the_others_recorded_and_exit_1(grid, tmp_path):
