@@ -11,6 +11,8 @@ from pipeline.errors import InputError
 from pipeline.io import atomic_path
 from pipeline.models import ModelSpec, build_model
 
+MODEL_FORMAT = "kd-model/1"
+
 
 def save_torch(path: str | Path, obj: dict) -> None:
     with atomic_path(path) as tmp:
@@ -30,16 +32,28 @@ def load_torch(path: str | Path) -> dict:
     return obj
 
 
+def save_checkpoint(path: str | Path, fmt: str, module: nn.Module | None = None, **fields) -> None:
+    """`fields` tagged with their format, plus `module`'s weights (on the CPU) as `state_dict`."""
+    if module is not None:
+        fields["state_dict"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    save_torch(path, {"format": fmt, **fields})
+
+
+def load_checkpoint(path: str | Path, fmt: str, what: str) -> dict:
+    """A checkpoint of format `fmt`, else one line saying the file holds no `what`."""
+    ckpt = load_torch(path)
+    if ckpt.get("format") != fmt:
+        raise InputError(f"{path} is not a {what} checkpoint of this pipeline")
+    return ckpt
+
+
 def save_model(path: str | Path, model: nn.Module, spec: ModelSpec, **info) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(path, {"format": "kd-model/1", "spec": spec.to_dict(), "state_dict": state, **info})
+    save_checkpoint(path, MODEL_FORMAT, model, spec=spec.to_dict(), **info)
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec, dict]:
     """Rebuild the model of a checkpoint; return it (eval mode, CPU), its spec and the checkpoint's info."""
-    ckpt = load_torch(path)
-    if ckpt.get("format") != "kd-model/1":
-        raise InputError(f"{path} is not a model checkpoint of this pipeline")
+    ckpt = load_checkpoint(path, MODEL_FORMAT, "model")
     try:
         spec = ModelSpec(**{**ckpt["spec"], "pretrained": False})
         model = build_model(spec)

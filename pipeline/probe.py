@@ -6,7 +6,7 @@ The L2 penalty is chosen on a held-out, class-stratified part of the training sp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from pipeline.distill import Distiller
 from pipeline.errors import InputError, TrainingError
 from pipeline.sources import stratified_mask
 from pipeline.train import autocast
+
+FORMAT = "kd-probe/1"
 
 
 def pool(f: torch.Tensor) -> torch.Tensor:
@@ -128,13 +130,19 @@ def probe_student(distiller: Distiller, data, device: torch.device, weight_decay
     return probe, metrics
 
 
+def save_probe(path, probe: Probe, layer: int) -> None:
+    from pipeline.checkpoint import save_checkpoint
+
+    save_checkpoint(path, FORMAT, **asdict(probe), layer=layer)
+
+
 def load_probe(probe_dir, student_manifest: dict) -> Probe:
     """A saved probe, refused unless it was fitted on the student of `student_manifest`."""
     from pathlib import Path
 
-    from pipeline.checkpoint import load_torch
+    from pipeline.checkpoint import load_checkpoint
     from pipeline.io import manifest_id, read_verified
 
     read_verified(probe_dir, "probe", {"student": manifest_id(student_manifest)})
-    ckpt = load_torch(Path(probe_dir) / "probe.pt")
-    return Probe(ckpt["weight"], ckpt["bias"], ckpt["mean"], ckpt["std"], ckpt["weight_decay"])
+    ckpt = load_checkpoint(Path(probe_dir) / "probe.pt", FORMAT, "probe")
+    return Probe(**{f.name: ckpt[f.name] for f in fields(Probe)})

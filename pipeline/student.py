@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline import distributed
-from pipeline.checkpoint import load_torch, save_torch
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import StudentParams
 from pipeline.data import Prepared
 from pipeline.distill import METHODS, Distiller, LossWeights
@@ -166,20 +166,15 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
 
 
 def save_student(path: str | Path, distiller: Distiller, teacher_spec: ModelSpec, **info) -> None:
-    state = {k: v.detach().cpu() for k, v in distiller.state_dict().items()}
-    save_torch(path, {"format": FORMAT, "spec": distiller.student_spec.to_dict(), "method": distiller.method,
-                      "student_layers": distiller.student_layers, "teacher_layers": distiller.teacher_layers,
-                      "teacher_shapes": [list(s) for s in distiller.teacher_shapes],
-                      "weights": asdict(distiller.weights),
-                      "batch_size": distiller.batch_size,
-                      "teacher_spec": teacher_spec.to_dict(), "state_dict": state, **info})
+    save_checkpoint(path, FORMAT, distiller, spec=distiller.student_spec.to_dict(), method=distiller.method,
+                    student_layers=distiller.student_layers, teacher_layers=distiller.teacher_layers,
+                    teacher_shapes=[list(s) for s in distiller.teacher_shapes], weights=asdict(distiller.weights),
+                    batch_size=distiller.batch_size, teacher_spec=teacher_spec.to_dict(), **info)
 
 
 def load_student(path: str | Path) -> tuple[Distiller, ModelSpec, dict]:
     """Rebuild a saved student (eval mode, CPU) with its projectors and teacher tail."""
-    ckpt = load_torch(path)
-    if ckpt.get("format") != FORMAT:
-        raise InputError(f"{path} is not a student checkpoint of this pipeline")
+    ckpt = load_checkpoint(path, FORMAT, "student")
     spec = ModelSpec(**ckpt["spec"])
     teacher = None
     if METHODS[ckpt["method"]].features == "simkd":

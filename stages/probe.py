@@ -22,10 +22,9 @@ def probe(
     """Fit a logistic-regression probe on the student's pooled deepest distilled layer (params section `probe`)."""
     cfg = load(params, overrides)
     p = cfg.probe
-    from pipeline.checkpoint import save_torch
     from pipeline.data import load_prepared
     from pipeline.io import atomic_dir, check_outputs, write_json, write_manifest
-    from pipeline.probe import probe_student
+    from pipeline.probe import probe_student, save_probe
     from pipeline.student import load_student_dir, training_data
     from pipeline.train import pick_device
 
@@ -36,9 +35,7 @@ def probe(
     fitted, summary = probe_student(distiller, training_data(student_dir, prepared), pick_device(p.device),
                                     p.weight_decays, p.holdout, cfg.seed, p.max_iter)
     with atomic_dir(out) as tmp:
-        save_torch(tmp / "probe.pt", {"format": "kd-probe/1", "weight": fitted.weight, "bias": fitted.bias,
-                                      "mean": fitted.mean, "std": fitted.std,
-                                      "weight_decay": fitted.weight_decay, "layer": summary["layer"]})
+        save_probe(tmp / "probe.pt", fitted, summary["layer"])
         write_manifest(tmp, "probe", {"seed": cfg.seed, **p.model_dump()},
                        inputs={"data": prepared.data_id, "student": student_id})
     write_json(metrics, summary)

@@ -92,6 +92,21 @@ def test_malformed_model_checkpoints_are_refused_in_one_line(tmp_path, checkpoin
     assert "\n" not in str(err.value)
 
 
+def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path):
+    import torch
+
+    from pipeline.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from pipeline.student import load_student
+
+    save_checkpoint(tmp_path / "probe.pt", "kd-probe/1", torch.nn.Linear(2, 3), layer=4)
+    probe = load_checkpoint(tmp_path / "probe.pt", "kd-probe/1", "probe")
+    assert probe["layer"] == 4 and probe["state_dict"]["weight"].shape == (3, 2)
+    with pytest.raises(InputError, match="probe.pt is not a model checkpoint of this pipeline"):
+        load_model(tmp_path / "probe.pt")
+    with pytest.raises(InputError, match="probe.pt is not a student checkpoint of this pipeline"):
+        load_student(tmp_path / "probe.pt")
+
+
 def test_an_output_onto_a_folder_is_refused_and_the_folder_kept(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(InputError, match="is a folder"):
