@@ -152,9 +152,9 @@ class Runner:
         """Data, teacher and scores of every cell with the same prepare and teacher params."""
         return self.root / f"teacher-{cell.key('prepare', 'teacher')}"
 
-    def prepare_cell(self, cell: Cell, needs_cache: Callable[[list[int]], bool] = lambda layers: True) -> dict:
-        """Data, teacher, scores and, if `needs_cache(selected layers)`, the cache of `cell`; returns the folders and
-        the cell's context for results."""
+    def prepare_cell(self, cell: Cell, needs_cache: Callable[[dict], bool] = lambda context: True) -> dict:
+        """Data, teacher, scores and, if `needs_cache(the cell's context)`, the cache of `cell`; returns the folders
+        and the cell's context for results (teacher, its id, selection, layer scores)."""
         print(f"{cell.name}: preparing data, teacher, scores and cache", flush=True)
         shared = self.teacher_dir(cell)
         sets = [*cell.overrides, methods_override(cell.methods)]  # the cache holds the layers of all its methods
@@ -169,9 +169,9 @@ class Runner:
         with open(scores / "layers.csv") as f:
             layers = [{k: float(row[k]) for k in ("layer", "S", "I", "E", "Q", "sqrtIE")} for row in csv.DictReader(f)]
         context = {"teacher": read_json(shared / "teacher.json"), "selection": read_json(scores / "selection.json"),
-                   "layers": layers}
+                   "layers": layers, "teacher_id": manifest_id(read_json(teacher / "manifest.json"))}
         cache = None
-        if needs_cache(context["selection"]["layers"]):
+        if needs_cache(context):
             cache = self.kd("cache", sets, self.cache_dir(cell), "--data", str(data), "--teacher",
                             str(teacher), "--scores", str(scores))
         return {"data": data, "teacher": teacher, "scores": scores, "cache": cache, "context": context}
@@ -179,7 +179,7 @@ class Runner:
     def restore_teacher(self, cell: Cell, sets: list[str], data: Path, shared: Path) -> None:
         """The teacher the teacher stage would train here, from the bank if it holds it."""
         from pipeline.config import load_params
-        from pipeline.io import manifest_id, read_manifest
+        from pipeline.io import read_manifest
         from teacher_bank import restore, teacher_identity
 
         cfg = load_params(self.params, [*sets, *self.extra])
@@ -220,7 +220,7 @@ class Runner:
                  "probe_fit_seconds": probe["fit_seconds"],
                  "student_stage_seconds": round(student_seconds, 1), "probe_stage_seconds": round(probe_seconds, 1),
                  "teacher_test_acc": folders["context"]["teacher"]["test_acc"],
-                 "teacher_id": manifest_id(read_json(folders["teacher"] / "manifest.json")),  # which training
+                 "teacher_id": folders["context"]["teacher_id"],  # which training
                  "started_s": round(start - since, 1), "wall_seconds": round(time.perf_counter() - start, 1),
                  "jobs": jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
@@ -346,25 +346,28 @@ class Chunk:
     def prepare(self, cell: Cell) -> Future:
         """The cell's folders, made on the preparer thread: one cell at a time, in the order asked."""
         if cell.name not in self.prepared:
-            def needs_cache(layers: list[int]) -> bool:  # decides, once, which of the cell's runs are twins
+            def needs_cache(context: dict) -> bool:  # decides, once, which of the cell's runs are twins
                 mine = [key for c, key in self.asked if c == cell]
-                self.twins.update({(cell.name, key): self.twin(cell, key, layers) for key in mine})
+                self.twins.update({(cell.name, key): self.twin(cell, key, context) for key in mine})
                 return any(self.twins[(cell.name, key)] is None for key in mine)
 
             self.prepared[cell.name] = self.preparer.submit(self.runner.prepare_cell, cell, needs_cache)
         return self.prepared[cell.name]
 
-    def twin(self, cell: Cell, key: str, layers: list[int]) -> str | None:
-        """The main (Q) cell whose run `key` this ablation run with these teacher layers would repeat, if that run
-        is recorded with these layers or is in this chunk with them."""
+    def twin(self, cell: Cell, key: str, context: dict) -> str | None:
+        """The main (Q) cell whose run `key` this ablation run would repeat: the same teacher training and the same
+        layers selected from it, that run recorded or in this chunk."""
         main = f"{cell.regime}-{cell.student}-Q"
         if cell.criterion == "Q":
             return None
+        ours = (context["teacher_id"], context["selection"]["layers"])
         done = _read_runs(self.results / f"{main}.json").get(key)
         if done is not None:
-            return main if done["teacher_layers"] == layers else None
-        same = (main in self.prepared and self.prepared[main].done()  # (else the preparer would wait for itself)
-                and self.prepared[main].result()["context"]["selection"]["layers"] == layers)
+            return main if (done.get("teacher_id"), done["teacher_layers"]) == ours else None
+        if main not in self.prepared or not self.prepared[main].done():  # (else the preparer would wait for itself)
+            return None
+        theirs = self.prepared[main].result()["context"]
+        same = (theirs["teacher_id"], theirs["selection"]["layers"]) == ours
         return main if same and any(c.name == main and k == key for c, k in self.asked) else None
 
     def finish(self, future: Future) -> None:
@@ -449,26 +452,32 @@ def upstream_hash(params: Path, cell: Cell, method: str, seed: int, extra: list[
                      "score": shared.score.model_dump(), "probe": probe.model_dump()})
 
 
-def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str]) -> list[str]:
-    """The recorded runs made with other params than the grid gives them now, their student's (its manifest's
-    hash) or those of their data, teacher, scores or probe: they would be taken for done. Hashes a run was recorded
-    without (before they were kept) are not checked."""
+def run_hashes(params: Path, cell: Cell, method: str, seed: int, extra: list[str]) -> dict[str, str]:
+    """The hashes the grid gives a run now: its student params (as its manifest records them) and upstream_hash;
+    none where the stages would refuse its params."""
     from pipeline.config import load_params
     from pipeline.errors import InputError
     from pipeline.io import hash_obj
     from pipeline.student import recorded_params
 
+    try:
+        student = recorded_params(load_params(params, merged(cell.run_overrides(method, seed), extra)))
+        return {"params_hash": hash_obj(student), "upstream_hash": upstream_hash(params, cell, method, seed, extra)}
+    except InputError:
+        return {}
+
+
+def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str]) -> list[str]:
+    """The recorded runs made with other params than the grid gives them now, their student's or those of their
+    data, teacher, scores or probe: they would be taken for done. A run recorded for an ablation cell as its main
+    cell's (`same_run_as`) is checked as that cell's."""
+    by_name = {cell.name: cell for cell in cells}
     changed = []
     for cell in cells:
         for key, entry in _read_runs(results / f"{cell.name}.json").items():
-            method, seed = entry["method"], entry["seed"]
-            try:
-                now = {"params_hash": hash_obj(recorded_params(load_params(params, merged(
-                           cell.run_overrides(method, seed), extra)))),
-                       "upstream_hash": upstream_hash(params, cell, method, seed, extra)}
-            except InputError:  # the grid now gives this run params the stages refuse
-                now = {}
-            if any(name in entry and now.get(name) != entry[name] for name in ("params_hash", "upstream_hash")):
+            made_as = by_name.get(entry.get("same_run_as", cell.name))
+            now = run_hashes(params, made_as, entry["method"], entry["seed"], extra) if made_as else {}
+            if any(now.get(name) != entry[name] for name in ("params_hash", "upstream_hash") if name in entry):
                 changed.append(f"{cell.name} {key}")
     return changed
 

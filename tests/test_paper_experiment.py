@@ -137,6 +137,15 @@ def test_an_ablation_run_with_the_main_runs_layers_is_recorded_as_that_run_not_t
     assert "1 runs to do" in out and "not trained again" in out and "top-1" not in out
     assert json.loads((tmp_path / "results/pinned-resnet9-S.json").read_text())["runs"] == results["S"]["runs"]
     assert not (work / "pinned/S").exists()
+    cells = paper.load_grid(tmp_path / "grid.yaml")[1]
+    assert paper.changed_runs(cells, tmp_path / "results", grid / "params.yaml", []) == []  # checked as Q's run
+
+    main["teacher_id"] = "another training"  # Q's run distilled another teacher than this work folder's
+    (tmp_path / "results/pinned-resnet9-Q.json").write_text(json.dumps({**results["Q"], "runs": {"ours-s0": main}}))
+    (tmp_path / "results/pinned-resnet9-S.json").unlink()
+    out = paper_cli(tmp_path, "run", "--work", str(tmp_path / "work"))
+    assert "1 runs to do" in out and "not trained again" not in out and "pinned-resnet9-S ours-s0: top-1" in out
+    assert "same_run_as" not in json.loads((tmp_path / "results/pinned-resnet9-S.json").read_text())["runs"]["ours-s0"]
 
 
 def test_results_of_another_variant_are_not_taken_for_done_runs(grid):
