@@ -35,6 +35,7 @@ from typing import Callable
 
 import yaml
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_path, manifest_id, read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -78,14 +79,28 @@ GRID_KEYS = {"params", "seeds", "regimes", "students", "methods", "ablation"}
 
 
 def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
-    """The grid file's cells; exit code 2 and one line when the file is missing or lacks a key."""
+    """The grid file's cells; InputError (one line) when the file is missing, malformed or names a run twice."""
     if not path.is_file():
-        sys.exit(_bad_input(f"grid file not found: {path}"))
-    grid = yaml.safe_load(path.read_text()) or {}
-    missing = GRID_KEYS - set(grid)
-    if missing or not {"method", "criteria"} <= set(grid["ablation"]):
-        sys.exit(_bad_input(f"grid {path}: missing {', '.join(sorted(missing)) or 'ablation.method/criteria'}"))
+        raise InputError(f"grid file not found: {path}")
+    try:
+        grid = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"grid {path} is not valid YAML ({type(err).__name__})") from None
+    missing = GRID_KEYS - set(grid) if isinstance(grid, dict) else GRID_KEYS
+    if missing or not isinstance(grid["ablation"], dict) or not {"method", "criteria"} <= set(grid["ablation"]):
+        raise InputError(f"grid {path}: missing {', '.join(sorted(missing)) or 'ablation.method/criteria'}")
     ablation = grid["ablation"]
+    if not isinstance(grid["regimes"], dict):
+        raise InputError(f"grid {path}: regimes must be a mapping of names to overrides")
+    lists = {"seeds": grid["seeds"], "students": grid["students"], "methods": grid["methods"],
+             "ablation.criteria": ablation["criteria"]}
+    for name, items in lists.items():
+        if not isinstance(items, list):
+            raise InputError(f"grid {path}: {name} must be a list")
+        if len(set(map(str, items))) != len(items):
+            raise InputError(f"grid {path}: {name} names an item twice")
+    if "Q" in ablation["criteria"]:
+        raise InputError(f"grid {path}: ablation.criteria holds Q, the main cells' criterion")
     cells = [Cell(regime, student, criterion, methods, (*grid.get("overrides", []), *overrides),
                   grid.get("method_overrides", {}))
              for regime, overrides in grid["regimes"].items() for student in grid["students"]
@@ -95,7 +110,7 @@ def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
 
 
 def _bad_input(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return 2
 
 
@@ -240,7 +255,7 @@ def _other_variant(path: Path, info: dict) -> str | None:
 
     if not path.is_file():
         return None
-    saved, wanted = variant(read_json(path)), variant(info)
+    saved, wanted = variant(read_cell(path)), variant(info)
     if saved == wanted:
         return None
     return (f"{path} holds runs of params {saved[0]} with overrides {saved[1]}, not {wanted[0]} with "
@@ -272,6 +287,7 @@ class Chunk:
         self.start = time.perf_counter()
         self.longest = recorded_wall_seconds(results)  # (regime, student) -> its longest run, recorded or here
         self.failed: list[str] = []
+        self.errors: dict[tuple[str, str], Exception] = {}  # (cell, run) -> why it failed
         self.prepared: dict[str, Future] = {}  # cell name -> its folders and context
         self.running: dict[Future, tuple[Cell, str]] = {}
         self.twins: dict[tuple[str, str], str | None] = {}  # (cell, run) -> the main cell whose run it repeats
@@ -309,7 +325,7 @@ class Chunk:
                 return
             try:
                 ready = folders.result()
-            except StageFailed as error:  # the cell's runs cannot start; the other cells' still can
+            except Exception as error:  # the cell's runs cannot start; the other cells' still can
                 keys = [f"{m}-s{s}" for c, m, s in self.todo if c == cell]
                 self.fail(cell, ", ".join(keys), error)
                 self.todo = [item for item in self.todo if item[0] != cell]
@@ -328,6 +344,8 @@ class Chunk:
             recorded = _read_runs(self.results / f"{main}.json").get(key)
             if recorded is not None:
                 self.record_twins(main, key, recorded)
+            elif (main, key) in self.errors:
+                self.fail_twins(main, key)
 
     def over_budget(self, cell: Cell) -> bool:
         """Whether a run of `cell` started now would end past the budget, by the longest of its regime and student
@@ -340,6 +358,8 @@ class Chunk:
         return True
 
     def fail(self, cell: Cell, what: str, error: Exception) -> None:
+        if not isinstance(error, (StageFailed, InputError)):  # not a message of ours: name it
+            error = f"{type(error).__name__}: {error}"
         self.failed.append(f"{cell.name} {what}: {error}")
         print(f"FAILED {self.failed[-1]}", flush=True)
 
@@ -375,9 +395,10 @@ class Chunk:
         cell, key = self.running.pop(future)
         try:
             entry = future.result()
-        except StageFailed as error:  # recorded runs stay; the others go on
+        except Exception as error:  # a run's failure, of any kind, is its own: recorded runs stay, the others go on
             self.fail(cell, key, error)
-            self.waiting.pop((cell.name, key), None)
+            self.errors[(cell.name, key)] = error
+            self.fail_twins(cell.name, key)
             return
         group = (cell.regime, cell.student)
         self.longest[group] = max(self.longest.get(group, 0.0), entry["wall_seconds"])
@@ -389,6 +410,10 @@ class Chunk:
         if self.drop_caches and all(self.runner.cache_dir(c) != self.runner.cache_dir(cell) for c in later):
             shutil.rmtree(self.runner.cache_dir(cell))  # the full regime's caches fill a 64 GB disk
 
+    def fail_twins(self, main: str, key: str) -> None:
+        for copy in self.waiting.pop((main, key), []):  # ablation runs that were to be this one
+            self.fail(copy, key, self.errors[(main, key)])
+
     def record_twins(self, main: str, key: str, entry: dict) -> None:
         for copy in self.waiting.pop((main, key), []):
             self.record(copy, key, {**entry, "same_run_as": main})
@@ -398,7 +423,7 @@ class Chunk:
         """Into experiments/results/<cell>.json, with the cell's context (teacher, selection, layer scores): the
         latest at the top, and by teacher id that of every teacher training its runs distilled from."""
         path = self.results / f"{cell.name}.json"
-        saved = read_json(path) if path.is_file() else {"runs": {}}
+        saved = read_cell(path) if path.is_file() else {"runs": {}}
         context = self.prepared[cell.name].result()["context"]
         saved.update({"cell": cell.name, "regime": cell.regime, "student": cell.student, "criterion": cell.criterion,
                       "overrides": cell.overrides, **self.info, **context})
@@ -409,6 +434,8 @@ class Chunk:
 
 def run(args) -> int:
     grid, cells = load_grid(args.grid)
+    if not (ROOT / grid["params"]).is_file():
+        raise InputError(f"the grid's params file {ROOT / grid['params']} does not exist")
     runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs, args.grid.read_text(),
                     args.teacher_bank)
     info = {"params": grid["params"], "extra_overrides": args.set or []}
@@ -456,7 +483,6 @@ def run_hashes(params: Path, cell: Cell, method: str, seed: int, extra: list[str
     """The hashes the grid gives a run now: its student params (as its manifest records them) and upstream_hash;
     none where the stages would refuse its params."""
     from pipeline.config import load_params
-    from pipeline.errors import InputError
     from pipeline.io import hash_obj
     from pipeline.student import recorded_params
 
@@ -486,7 +512,7 @@ def recorded_wall_seconds(results: Path) -> dict[tuple[str, str], float]:
     """The longest recorded run per (regime, student): what the budget expects of their next run."""
     longest: dict[tuple[str, str], float] = {}
     for path in results.glob("*.json"):
-        saved = read_json(path)
+        saved = read_cell(path)
         for entry in saved["runs"].values():
             group = (saved["regime"], saved["student"])
             longest[group] = max(longest.get(group, 0.0), entry["wall_seconds"])
@@ -509,8 +535,16 @@ def describe(split: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in split.items())
 
 
+def read_cell(path: Path) -> dict:
+    """A cell's results file, refused in one line unless it is one."""
+    saved = read_json(path)
+    if not isinstance(saved, dict) or not {"cell", "regime", "student", "runs"} <= saved.keys():
+        raise InputError(f"{path} is not a results file of paper.py")
+    return saved
+
+
 def _read_runs(path: Path) -> dict:
-    return read_json(path)["runs"] if path.is_file() else {}
+    return read_cell(path)["runs"] if path.is_file() else {}
 
 
 def _pm(values: list[float]) -> str:
@@ -535,7 +569,7 @@ def _rows(cell: dict, method: str) -> list[dict]:
 def table(results: Path, grid_path: Path = GRID) -> str:
     """Markdown: per regime and student, the methods table and the layer-criterion ablation; mean ± std."""
     grid, _ = load_grid(grid_path)
-    cells = {c["cell"]: c for c in (read_json(p) for p in sorted(results.glob("*.json")))}
+    cells = {c["cell"]: c for c in map(read_cell, sorted(results.glob("*.json")))}
     out = []
     for regime in grid["regimes"]:
         for student in grid["students"]:
@@ -617,6 +651,12 @@ def queue_commands(grid_path: Path = GRID, extra: list[str] = ()) -> list[str]:
     return commands
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, default=GRID)
@@ -625,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plan")
     run_ap = sub.add_parser("run")
     run_ap.add_argument("--work", type=Path, required=True, help="folder for data, models and caches")
-    run_ap.add_argument("--jobs", type=int, default=1, help="student runs at once on one device")
+    run_ap.add_argument("--jobs", type=_positive, default=1, help="student runs at once on one device")
     run_ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no run that would end later")
     run_ap.add_argument("--cells", nargs="*", help="only these cells")
     run_ap.add_argument("--drop-caches", action="store_true", help="delete a feature cache once no run needs it")
@@ -636,6 +676,13 @@ def main(argv: list[str] | None = None) -> int:
     queue_ap = sub.add_parser("queue")
     queue_ap.add_argument("-S", "--set", action="append", default=[])
     args = ap.parse_args(argv)
+    try:
+        return _command(args)
+    except InputError as err:
+        return _bad_input(str(err))
+
+
+def _command(args) -> int:
     if args.command == "plan":
         grid, cells = load_grid(args.grid)
         for cell in cells:
@@ -643,11 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cell.name:28s} {done:3d}/{total} runs  {' '.join(cell.overrides)} {methods_override(cell.methods)}")
         return 0
     if args.command == "run":
-        try:
-            return run(args)
-        except StageFailed as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        return run(args)
     if args.command == "table":
         text = table(args.results, args.grid)
         if args.write:

@@ -185,21 +185,55 @@ def test_runs_recorded_with_other_params_than_the_grid_gives_now_are_refused(gri
 
 
 def test_failed_runs_leave_the_others_recorded_and_exit_1(grid, tmp_path):
-    """One cell whose scores fail, one run whose params fail: every other run is still trained and recorded."""
+    """Cells whose scores fail, a run whose params fail and the ablation run that was to be it: every other run is
+    still trained and recorded."""
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
         "params": str(grid / "params.yaml"), "seeds": [3], "students": ["resnet9"], "methods": ["ce", "ours"],
-        "regimes": {"bad": ["score.layers=[40,41,42,43]"], "small": []}, "ablation": {"method": "ours", "criteria": []},
-        "method_overrides": {"ours": ["student.train.lr=-1"]}}, sort_keys=False))
+        "regimes": {"bad": ["score.layers=[40,41,42,43]"], "small": ["score.layers=[12,13,14,15]"]},
+        "ablation": {"method": "ours", "criteria": ["S"]}, "method_overrides": {"ours": ["student.train.lr=-1"]}},
+        sort_keys=False))
     cmd = [sys.executable, str(ROOT / "experiments/paper.py"), "--grid", str(tmp_path / "grid.yaml"), "--results",
            str(tmp_path / "results"), "run", "--work", str(tmp_path / "work"), "--jobs", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     failed = result.stderr.splitlines()
-    assert failed[0] == "2 failed (the other runs are recorded):"
+    assert failed[0] == "4 failed (the other runs are recorded):"
     assert failed[1].startswith("  bad-resnet9-Q ce-s3, ours-s3: score -> ") and "out of range" in failed[1]
-    assert failed[2].startswith("  small-resnet9-Q ours-s3: student -> ") and "student.train.lr" in failed[2]
+    assert failed[2].startswith("  bad-resnet9-S ours-s3: score -> ") and "out of range" in failed[2]
+    assert failed[3].startswith("  small-resnet9-Q ours-s3: student -> ") and "student.train.lr" in failed[3]
+    assert failed[4] == failed[3].replace("-Q", "-S", 1)  # S's run, the same as Q's, fails with it
     assert not (tmp_path / "results/bad-resnet9-Q.json").exists()
+    assert not (tmp_path / "results/small-resnet9-S.json").exists()
     assert set(json.loads((tmp_path / "results/small-resnet9-Q.json").read_text())["runs"]) == {"ce-s3"}
+
+
+GOOD_GRID = {"params": "profiles/gpu.yaml", "seeds": [0], "regimes": {"a": []}, "students": ["resnet9"],
+             "methods": ["ours"], "ablation": {"method": "ours", "criteria": ["S"]}}
+
+
+@pytest.mark.parametrize("grid_text, message", [
+    ("seeds: [0", "is not valid YAML (ParserError)"),
+    ("[1, 2]", "missing ablation, methods, params, regimes, seeds, students"),
+    (yaml.safe_dump({**GOOD_GRID, "seeds": [0, 0]}), "seeds names an item twice"),
+    (yaml.safe_dump({**GOOD_GRID, "methods": "ours"}), "methods must be a list"),
+    (yaml.safe_dump({**GOOD_GRID, "regimes": ["a"]}), "regimes must be a mapping"),
+    (yaml.safe_dump({**GOOD_GRID, "ablation": {"method": "ours", "criteria": ["Q"]}}), "ablation.criteria holds Q"),
+    (yaml.safe_dump({**GOOD_GRID, "params": "missing.yaml"}), "params file /"),
+])
+def test_a_malformed_grid_is_refused_in_one_line_before_any_work(tmp_path, capsys, grid_text, message):
+    (tmp_path / "grid.yaml").write_text(grid_text)
+    code = paper.main(["--grid", str(tmp_path / "grid.yaml"), "--results", str(tmp_path / "results"), "run",
+                       "--work", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_results_folder_holding_other_json_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/notes.json").write_text('{"runs": {}}')
+    assert paper.main(["--results", str(tmp_path / "results"), "table"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'results/notes.json'} is not a results file of paper.py\n"
 
 
 def test_the_q_chart_draws_each_teacher_training_of_a_cell():
