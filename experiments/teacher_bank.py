@@ -51,6 +51,14 @@ def missing(parts: list[Path]) -> list[int]:
     return sorted(set(range(total)) - {int(PART.fullmatch(p.name)["i"]) for p in parts})
 
 
+def joined(parts: list[Path], sha: str) -> bytes | None:
+    """The whole a set of parts makes, if it is complete and joins to the checksum their names carry."""
+    if missing(parts):
+        return None
+    whole = b"".join(p.read_bytes() for p in parts)
+    return whole if hashlib.sha256(whole).hexdigest()[:12] == sha else None
+
+
 def pack(shared: Path, into: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     """The teacher of `shared` (teacher/ and teacher.json, as paper.py lays them out) as parts in `into`, made once."""
     manifest = read_json(shared / "teacher" / "manifest.json")
@@ -108,10 +116,8 @@ def restore(bank: Path, ident: str, shared: Path) -> bool:
     """Extract the banked teacher `ident` into `shared` from a complete set of its parts that joins to the checksum
     their names carry; False (and nothing written) if there is none."""
     for (other, sha), parts in part_sets(bank).items():
-        if other != ident or missing(parts):
-            continue
-        whole = b"".join(p.read_bytes() for p in parts)
-        if hashlib.sha256(whole).hexdigest()[:12] != sha:
+        whole = joined(parts, sha) if other == ident else None
+        if whole is None:
             continue
         shared.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(shared / "teacher", ignore_errors=True)  # what a killed training may have left (no manifest)
@@ -132,20 +138,22 @@ def collect(sources: list[Path], bank: Path) -> None:
     bank.mkdir(parents=True, exist_ok=True)
     for folder in sources:
         for (ident, sha), parts in part_sets(folder).items():
-            held = [other for (i, other), have in part_sets(bank).items() if i == ident and not missing(have)]
+            held = [other for (i, other), have in part_sets(bank).items() if i == ident and joined(have, other)]
             if held and sha not in held:
                 print(f"teacher-{ident} ({sha}): not collected, the bank holds another training of it ({held[0]}); "
                       f"remove that one's parts to keep this one instead")
                 continue
             for part in parts:
-                shutil.copyfile(part, bank / part.name)
+                with atomic_path(bank / part.name) as tmp:  # a copy cut short leaves no part behind
+                    shutil.copyfile(part, tmp)
     for (ident, sha), parts in part_sets(bank).items():
         size = sum(p.stat().st_size for p in parts) / 2**20
         gaps = missing(parts)
+        whole = None if gaps else joined(parts, sha)
         print(f"teacher-{ident} ({sha}): {len(parts)} parts, {size:.1f} MiB; " +
               (f"missing {' '.join(f'{i:02d}' for i in gaps)} (TEACHER_PARTS for `device_check.sh teachers`)" if gaps
-               else "complete"))
-        if not gaps:  # a first call takes 60 MiB of them, the experiment's call the rest beside the data
+               else "complete" if whole else "CORRUPT: they do not join to their checksum (remove them)"))
+        if whole:  # a first call takes 60 MiB of them, the experiment's call the rest beside the data
             first = parts[:int(60 * 2**20 // PART_BYTES)]
             print(f"  carry first: {[str(p) for p in first]}\n  then beside .whl and .fmnist: "
                   f"{[str(p) for p in parts[len(first):]]}")

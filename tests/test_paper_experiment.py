@@ -311,7 +311,7 @@ def test_a_bad_grid_file_is_one_line_and_exit_code_2(tmp_path):
         assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr
 
 
-def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_trained(grid, tmp_path):
+def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_trained(grid, tmp_path, capsys):
     import teacher_bank
 
     calls = [tmp_path / f"out{i}" for i in (1, 2, 3)]
@@ -329,6 +329,12 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     (calls[2] / f"teacher-{ident}.{'1' * 12}.00-of-01.part").write_bytes(b"another training of the same teacher")
     teacher_bank.collect(calls[2:], bank)
     assert list(teacher_bank.part_sets(bank)) == [(ident, sha)]  # one training per teacher: no doubt which
+    other_bank = tmp_path / "other-bank"  # holding a complete set that does not join to its checksum
+    other_bank.mkdir()
+    (other_bank / f"teacher-{ident}.{'2' * 12}.00-of-01.part").write_bytes(b"a copy cut short")
+    teacher_bank.collect(calls[:2], other_bank)
+    assert f"teacher-{ident} ({'2' * 12}): 1 parts, 0.0 MiB; CORRUPT" in capsys.readouterr().out
+    assert set(teacher_bank.part_sets(other_bank)) == {(ident, "2" * 12), (ident, sha)}  # it did not block this one
     (bank / f"teacher-{ident}.{'0' * 12}.00-of-02.part").write_bytes(b"half of another training's teacher")
 
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({  # the same teacher params and data as `grid`'s cells
