@@ -5,7 +5,8 @@
 #   compile      ~1 min: the step ratios and warm-up under COMPILE (default cudagraphs) alone
 #   pipeline     ~7 min: the GPU profile end to end, `ours` only (PIPELINE_SETS: extra -S overrides)
 #   experiment   the next chunk of experiments/paper.py in what is left (or BUDGET_S), results to $OUT;
-#                JOBS runs at once (default 4), CELLS: only these cells, in grid order (default: all)
+#                JOBS runs at once (default 4), CELLS: only these cells, in grid order (default: all),
+#                EXPECT_S: seconds a run of a regime and student with none recorded yet takes (e.g. `full`'s first)
 #   concurrency  ~5 min: 8 short student runs one at a time vs 4 and 8 at once
 #   teachers     only send back the parts of the teachers trained here that earlier calls had no room for
 #                (TEACHER_PARTS="3 4": these parts again, e.g. ones `teacher_bank.py collect` says are missing)
@@ -60,7 +61,8 @@ experiment() {
   local bank=()
   [[ -d .teacher-bank ]] && bank=(--teacher-bank .teacher-bank)
   bounded python3 experiments/paper.py run --work /tmp/paper --jobs "${JOBS:-4}" "${bank[@]}" \
-    --budget-s "${BUDGET_S:-$((deadline - SECONDS - 60))}" --drop-caches -S prepare.root="$fmnist" ${CELLS:+--cells $CELLS}
+    --budget-s "${BUDGET_S:-$((deadline - SECONDS - 60))}" ${EXPECT_S:+--expect-s $EXPECT_S} --drop-caches \
+    -S prepare.root="$fmnist" ${CELLS:+--cells $CELLS}
   tar czf "$OUT/results.tgz" experiments/results  # what finished comes back even after a failure (one file)
   teachers
   python3 experiments/paper.py table

@@ -279,11 +279,12 @@ class Chunk:
     the teacher layers of the main (Q) cell's run with the same method and seed recorded as that run, not trained."""
 
     def __init__(self, runner: Runner, todo: list[tuple[Cell, str, int]], results: Path, info: dict, jobs: int,
-                 caps: dict[str, int], budget_s: float, drop_caches: bool):
+                 caps: dict[str, int], budget_s: float, drop_caches: bool, expect_s: float | None = None):
         self.runner, self.results, self.info = runner, results, info
         self.todo = list(todo)
         self.asked = [(cell, f"{method}-s{seed}") for cell, method, seed in todo]
         self.max_jobs, self.caps, self.budget_s, self.drop_caches = jobs, caps, budget_s, drop_caches
+        self.expect_s = expect_s
         self.start = time.perf_counter()
         self.longest = recorded_wall_seconds(results)  # (regime, student) -> its longest run, recorded or here
         self.failed: list[str] = []
@@ -309,12 +310,12 @@ class Chunk:
                     self.finish(future)
 
     def start_runs(self) -> None:
-        """Start runs in order while slots are free and the budget lasts; with runs going, stop at one whose cell
-        is not prepared yet (with none going, wait for it)."""
+        """Start runs in order while slots are free, those of cells the budget has no room for left out; with runs
+        going, stop at one whose cell is not prepared yet (with none going, wait for it)."""
         while self.todo and len(self.running) < self.jobs(self.todo[0][0]):
             cell, method, seed = self.todo[0]
-            if self.over_budget(cell):
-                return
+            if cell.name not in self.prepared and self.over_budget(cell):  # (nor its teacher, scores and cache)
+                continue
             folders = self.prepare(cell)
             # the next cell's scores and cache are made while this one's runs go (same teacher: it exists; a new
             # teacher is not started that the budget may leave unused)
@@ -330,11 +331,11 @@ class Chunk:
                 self.fail(cell, ", ".join(keys), error)
                 self.todo = [item for item in self.todo if item[0] != cell]
                 continue
-            if self.over_budget(cell):  # again: making the cell's teacher, scores and cache took time too
-                return
-            self.todo.pop(0)
             key = f"{method}-s{seed}"
             main = self.twins[(cell.name, key)]
+            if main is None and self.over_budget(cell):  # making its teacher, scores and cache took time too
+                continue
+            self.todo.pop(0)
             if main is None:
                 future = self.pool.submit(self.runner.student_run, cell, ready, method, seed, self.jobs(cell),
                                           self.start)
@@ -349,12 +350,16 @@ class Chunk:
 
     def over_budget(self, cell: Cell) -> bool:
         """Whether a run of `cell` started now would end past the budget, by the longest of its regime and student
-        (recorded or run here; none yet: the longest of any), and if so, no more runs are started."""
-        expected = self.longest.get((cell.regime, cell.student), max(self.longest.values(), default=0.0))
-        if time.perf_counter() - self.start + expected <= self.budget_s:
+        (recorded or run here; none yet: --expect-s, else the longest of any), and if so, its runs are left out."""
+        expected = self.longest.get((cell.regime, cell.student),
+                                    self.expect_s or max(self.longest.values(), default=0.0))
+        left = self.budget_s - (time.perf_counter() - self.start)
+        if expected <= left:
             return False
-        print(f"budget: not starting {len(self.todo)} more runs", flush=True)
-        self.todo = []
+        dropped = [item for item in self.todo if item[0] == cell]
+        self.todo = [item for item in self.todo if item[0] != cell]
+        print(f"budget: not starting {len(dropped)} runs of {cell.name} (~{expected:.0f} s each, {left:.0f} s left)",
+              flush=True)
         return True
 
     def fail(self, cell: Cell, what: str, error: Exception) -> None:
@@ -457,7 +462,7 @@ def run(args) -> int:
             if f"{method}-s{seed}" not in _read_runs(args.results / f"{cell.name}.json")]
     print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
     chunk = Chunk(runner, todo, args.results, info, args.jobs, grid.get("max_jobs", {}), args.budget_s,
-                  args.drop_caches)
+                  args.drop_caches, args.expect_s)
     chunk.run()
     print(f"done in {time.perf_counter() - chunk.start:.0f} s", flush=True)
     if chunk.failed:
@@ -667,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     run_ap.add_argument("--work", type=Path, required=True, help="folder for data, models and caches")
     run_ap.add_argument("--jobs", type=_positive, default=1, help="student runs at once on one device")
     run_ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no run that would end later")
+    run_ap.add_argument("--expect-s", type=float, help="seconds a run of a regime and student with no recorded run "
+                        "is expected to take (default: as long as the longest recorded run of any)")
     run_ap.add_argument("--cells", nargs="*", help="only these cells")
     run_ap.add_argument("--drop-caches", action="store_true", help="delete a feature cache once no run needs it")
     run_ap.add_argument("-S", "--set", action="append", help="extra override for every stage")

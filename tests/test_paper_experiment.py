@@ -89,11 +89,29 @@ def test_nothing_is_redone_and_a_budget_shorter_than_a_recorded_run_starts_nothi
     (grid / "results/small-resnet9-Q.json").write_text(json.dumps(results))
     shortest = min(entry["wall_seconds"] for entry in results["runs"].values())
     # the first run of a chunk is expected to take as long as the longest recorded of its regime and student
-    assert "budget: not starting 1 more runs" in paper_cli(grid, "run", "--work", str(grid / "work"),
-                                                           "--budget-s", str(shortest / 2))
+    assert "budget: not starting 1 runs of small-resnet9-Q" in paper_cli(grid, "run", "--work", str(grid / "work"),
+                                                                         "--budget-s", str(shortest / 2))
     out = paper_cli(grid, "run", "--work", str(grid / "work"))  # the student's outputs exist: only recorded again
     assert "1 runs to do" in out
     assert json.loads((grid / "results/small-resnet9-Q.json").read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_the_budget_leaves_out_only_the_cells_it_has_no_room_for(tmp_path):
+    def cell(regime, student):
+        return paper.Cell(regime, student, "Q", ("ours",), (), {})
+
+    slow, fast, unseen = cell("a", "mobilenetv2"), cell("a", "resnet9"), cell("b", "resnet9")
+    (tmp_path / "a-mobilenetv2-Q.json").write_text(json.dumps(
+        {"cell": "a-mobilenetv2-Q", "regime": "a", "student": "mobilenetv2", "runs": {"ours-s0": {"wall_seconds": 200}}}))
+    (tmp_path / "a-resnet9-Q.json").write_text(json.dumps(
+        {"cell": "a-resnet9-Q", "regime": "a", "student": "resnet9", "runs": {"ours-s0": {"wall_seconds": 60}}}))
+    todo = [(slow, "ours", 1), (slow, "ours", 2), (fast, "ours", 1), (unseen, "ours", 1)]
+    chunk = paper.Chunk(None, todo, tmp_path, {}, 1, {}, budget_s=100, drop_caches=False, expect_s=90)
+    assert chunk.over_budget(slow) and chunk.todo == todo[2:]  # 200 s expected: its runs are left out
+    assert not chunk.over_budget(fast)  # 60 s: still started
+    assert not chunk.over_budget(unseen)  # no run recorded: --expect-s, 90 s
+    chunk.expect_s = None
+    assert chunk.over_budget(unseen) and chunk.todo == [todo[2]]  # else the longest of any, 200 s
 
 
 def test_regimes_share_a_teacher_the_next_cell_is_prepared_while_runs_go_and_a_regime_caps_runs(grid, tmp_path):
