@@ -77,17 +77,25 @@ def test_corrupt_manifests_are_refused_in_one_line(tmp_path, content):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("checkpoint", [
-    {"format": "kd-model/1"},
-    {"format": "kd-model/1", "spec": {"arch": "resnet9", "bogus": 1}, "state_dict": {}},
-    {"format": "kd-model/1", "spec": {"arch": "resnet9", "num_classes": 3, "in_chans": 1, "image_size": 8,
-                                      "width": 0.0625}, "state_dict": [1, 2]},
-])
-def test_malformed_model_checkpoints_are_refused_in_one_line(tmp_path, checkpoint):
-    from pipeline.checkpoint import load_model, save_torch
+SPEC = {"arch": "resnet9", "num_classes": 3, "in_chans": 1, "image_size": 8, "width": 0.0625}
 
-    save_torch(tmp_path / "model.pt", checkpoint)
-    with pytest.raises(InputError, match="model.pt: ") as err:
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ({"format": "kd-model/1"}, r"malformed model description \(KeyError"),
+    ({"format": "kd-model/1", "spec": {"arch": "resnet9", "bogus": 1}, "state_dict": {}},
+     r"malformed model description \(TypeError"),
+    ({"format": "kd-model/1", "spec": SPEC, "state_dict": [1, 2]}, r"weights do not fit resnet9: "),
+    ("another width", r"weights do not fit resnet9: Error\(s\) in loading state_dict"),
+])
+def test_malformed_model_checkpoints_are_refused_in_one_line(tmp_path, checkpoint, message):
+    from pipeline.checkpoint import load_model, save_model, save_torch
+    from pipeline.models import ModelSpec, build_model
+
+    if checkpoint == "another width":  # weights of a model twice as wide as its description says
+        save_model(tmp_path / "model.pt", build_model(ModelSpec(**{**SPEC, "width": 0.125})), ModelSpec(**SPEC))
+    else:
+        save_torch(tmp_path / "model.pt", checkpoint)
+    with pytest.raises(InputError, match=f"model.pt: {message}") as err:
         load_model(tmp_path / "model.pt")
     assert "\n" not in str(err.value)
 
