@@ -92,7 +92,11 @@ def test_repro_writes_every_stage_output(repo):
     assert shown.returncode == 0, shown.stderr
     plotted = json.loads(shown.stdout)["data"]  # one learning-curve plot per run of the current methods x seeds
     assert {k for k in plotted if "test_acc" in k} == {"plots/test_acc/ours-s0.csv", "plots/test_acc/ce-s0.csv"}
-    assert len(plotted["plots/test_acc/ce-s0.csv"][0]["content"]["data"]["values"]) == len(curve)
+    for run in ("ours-s0", "ce-s0"):  # each plot draws its own run's curve
+        with open(repo / f"plots/test_acc/{run}.csv") as f:
+            curve = [float(r["test_acc"]) for r in csv.DictReader(f)]
+        values = plotted[f"plots/test_acc/{run}.csv"][0]["content"]["data"]["values"]
+        assert [float(v["test_acc"]) for v in values] == curve
 
 
 def test_a_bad_param_stops_dvc_before_any_stage_removes_its_outputs(repo):

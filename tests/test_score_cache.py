@@ -65,7 +65,8 @@ def test_score_writes_table_and_selects_top_q(trained):
     for r in rows:
         assert r["Q"] == pytest.approx(r["S"] + np.sqrt(r["I"] * r["E"]))
     selection = json.loads((trained / "scores/selection.json").read_text())
-    assert selection["layers"] == select_layers(rows, "Q", 4) and selection["chosen_by"] == "top-4 by Q"
+    by_q = sorted(rows, key=lambda r: -r["Q"])  # the four layers of highest Q, in layer order
+    assert selection["layers"] == sorted(r["layer"] for r in by_q[:4]) and selection["chosen_by"] == "top-4 by Q"
     csv = (trained / "scores/layers.csv").read_text().splitlines()
     assert csv[0].startswith("layer,S,I,E,Q") and len(csv) == 19
 
@@ -109,6 +110,7 @@ def test_score_criterion_and_override(trained):
     ("score.layers=[0, 18]", "score.layers [18] out of range: the teacher has 18 layers"),
     ("score.layers=[]", "score.layers: List should have at least 1 item"),  # was: ours silently on standard layers
     ("score.k=19", "score.k is 19 but the teacher has only 18 layers"),
+    ("score.subset_a=3", "subset A needs at least 2 samples per class: raise score.subset_a"),  # 3 classes
 ])
 def test_bad_override_exits_2_before_work(trained, override, message):
     result = score(trained, "-S", override, out="bad")

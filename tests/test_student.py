@@ -388,8 +388,11 @@ def test_distribution_aware_alignment_standardizes_targets(pipe):
     for f in standardized:
         assert f.mean((0, 2, 3)).abs().max() < 1e-2
         assert (f.std((0, 2, 3)) - 1).abs().max() < 1e-2
-    _, _, history = _train(pipe, "ours", epochs=2, align="standardize", relation_weight=0.5)
-    assert history[-1]["loss_relation"] > 0
+    _, _, aligned = _train(pipe, "ours", epochs=1, align="standardize", relation_weight=0.5)
+    _, _, plain = _train(pipe, "ours", epochs=1, relation_weight=0.5)
+    assert aligned[0]["loss_relation"] > 0
+    # the same seed and batches: only the targets differ, standardized in one run
+    assert aligned[0]["loss_feature"] != pytest.approx(plain[0]["loss_feature"], rel=1e-2)
 
     # the plain student of the same params (the stage passes it no cache) has no targets to align: it trains
     params = load_params(pipe / "params.yaml", ["student.method=ce", "student.train.epochs=1",
@@ -445,6 +448,25 @@ def test_student_stage_outputs_and_a_failed_run_keeping_them(pipe, tmp_path):
         next(distiller.parameters()).fill_(float("nan"))
     with pytest.raises(InputError, match="student's features are not finite"):
         probe_student(distiller, load_prepared(pipe / "data"), torch.device("cpu"), [0.0], 0.2, 0, 10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-S", "student.train.batch_size=200"], "error: batch_size 200 exceeds the 96 training samples"),
+    (["-S", "student.align=standardize", "-S", "student.train.augment=true"],
+     "error: align: standardize needs the cache's channel statistics (turn augmentation off)"),
+    (["--scores", "{tmp}/scores-k3"], "error: ours pairs layers one-to-one: 4 student layers vs 3 teacher layers"),
+    (["--teacher", "{pipe}/data"], "was written by stage 'prepare', expected 'teacher'"),
+    pytest.param(["-S", "student.device=cuda"], "error: device: cuda requested but no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
+])
+def test_a_student_stage_refused_its_inputs_exits_2_in_one_line_before_writing(pipe, tmp_path, args, message):
+    if "{tmp}/scores-k3" in args:  # scores selecting three layers for a method that pairs four
+        assert run_stage(pipe, "score", "--out", str(tmp_path / "scores-k3"), "-S", "score.k=3").exit_code == 0
+    args = [a.format(tmp=tmp_path, pipe=pipe) for a in args]
+    result = run_stage(pipe, "student", "--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "m.json"),
+                       "--live-dir", str(tmp_path / "l"), "--resume-dir", str(tmp_path / "r"), *args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
+    assert not any(p.exists() for p in (tmp_path / "s", tmp_path / "m.json", tmp_path / "l"))
 
 
 def test_student_resume_after_kill_equals_uninterrupted(pipe):
