@@ -289,8 +289,12 @@ def test_cifar10_from_tar_gz(tmp_path):
     np.testing.assert_array_equal(raw.train_labels, labels)
     np.testing.assert_array_equal(raw.test_labels, test_labels)
     assert raw.classes == CIFAR10_NAMES
+    (extracted,) = tmp_path.glob("cifar-10-python_extracted_*")
+    made = extracted.stat().st_mtime_ns, extracted.stat().st_ino
     again = read_cifar(str(archive), "cifar10")  # second read reuses the extraction
     np.testing.assert_array_equal(again.train_images, raw.train_images)
+    assert list(tmp_path.glob("cifar-10-python_extracted_*")) == [extracted]
+    assert (extracted.stat().st_mtime_ns, extracted.stat().st_ino) == made
 
 
 def test_cifar100_from_tgz(tmp_path):
@@ -333,12 +337,13 @@ def test_cifar_meta_without_class_names_is_named(tmp_path, meta):
 
 
 def test_a_replaced_cifar_archive_is_extracted_anew(tmp_path):
-    write_cifar10(tmp_path / "a", seed=0)
-    write_cifar10(tmp_path / "b", seed=1)
+    _, rows_a, *_ = write_cifar10(tmp_path / "a", seed=0)
+    _, rows_b, *_ = write_cifar10(tmp_path / "b", seed=1)
     archive = tmp_path / "cifar-10-python.tar.gz"
     first = read_cifar(make_archive(tmp_path / "a", "cifar-10-batches-py", archive), "cifar10")
     second = read_cifar(make_archive(tmp_path / "b", "cifar-10-batches-py", archive), "cifar10")
-    assert not np.array_equal(first.train_images, second.train_images)
+    check_pixels(first.train_images, rows_a)
+    check_pixels(second.train_images, rows_b)  # the new archive's images, not the old extraction's
 
 
 def test_two_runs_extracting_one_archive_at_once_both_read_it(tmp_path, monkeypatch):

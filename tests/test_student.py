@@ -255,12 +255,12 @@ def _train(pipe, method, epochs=4, watch_teacher=None, **kwargs):
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_every_method_trains_and_lowers_its_loss(pipe, method):
-    distiller, summary, history = _train(pipe, method)
+    distiller, summary, history = _train(pipe, method, epochs=8)  # (4: `ours`'s head still at chance)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert all(math.isfinite(v) for row in history for v in row.values())
     if METHODS[method].features and METHODS[method].features != "sp":
         assert history[-1]["loss_feature"] < history[0]["loss_feature"]
-    assert summary["test_acc"] > 1 / 3  # better than chance on 3 classes
+    assert summary["test_acc"] >= 0.6  # chance on 3 classes: 1/3
 
 
 def test_simkd_leaves_the_borrowed_teacher_tail_as_the_teacher_has_it(pipe):
