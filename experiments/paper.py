@@ -145,10 +145,13 @@ class Runner:
         # each stage process its share of the cores: torch's CPU threads of concurrent runs, all spinning on
         # every core, made 2 tiny runs at once on 2 cores train 17x slower than one alone
         self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cores() // jobs))}
+        self.failures: dict[Path, StageFailed] = {}  # an output that failed once (e.g. a shared teacher): not again
 
     def kd(self, stage: str, overrides: list[str], out: Path, *args: str) -> Path:
         if (out / "manifest.json").is_file():
             return out
+        if out in self.failures:
+            raise self.failures[out]
         out.parent.mkdir(parents=True, exist_ok=True)
         sets = [x for o in [*overrides, *self.extra] for x in ("-S", o)]
         cmd = [sys.executable, "-m", "stages.cli", stage, "-p", str(self.params), *sets, "--out", str(out), *args]
@@ -157,7 +160,8 @@ class Runner:
             code = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT).returncode
         if code:
             tail = log.read_text().strip().splitlines()[-1:] or [""]
-            raise StageFailed(f"{stage} -> {out} failed (exit {code}): {tail[0]} (log: {log})")
+            self.failures[out] = StageFailed(f"{stage} -> {out} failed (exit {code}): {tail[0]} (log: {log})")
+            raise self.failures[out]
         return out
 
     def cache_dir(self, cell: Cell) -> Path:
@@ -195,11 +199,11 @@ class Runner:
         """The teacher the teacher stage would train here, from the bank if it holds it."""
         from pipeline.config import load_params
         from pipeline.io import read_manifest
-        from teacher_bank import restore, teacher_identity
+        from pipeline.teacher import recorded_params, training_key
+        from teacher_bank import restore
 
         cfg = load_params(self.params, [*sets, *self.extra])
-        ident = teacher_identity({"seed": cfg.seed, **cfg.teacher.model_dump()},
-                                 manifest_id(read_manifest(data, "prepare")))
+        ident = training_key(recorded_params(cfg), manifest_id(read_manifest(data, "prepare")))
         restored = restore(self.bank, ident, shared)
         print(f"{cell.name}: teacher {ident} " + (f"restored from {self.bank}, not trained" if restored else
                                                   f"not in {self.bank} (no complete, intact set): trained"), flush=True)

@@ -24,16 +24,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.io import atomic_path, hash_obj, read_json  # noqa: E402
+from pipeline.io import atomic_path, read_json  # noqa: E402
+from pipeline.teacher import training_key  # noqa: E402
 
 PART_BYTES = 15 * 2**20
 PART = re.compile(r"teacher-(?P<id>[0-9a-f]{16})\.(?P<sha>[0-9a-f]{12})\.(?P<i>\d{2})-of-(?P<n>\d{2})\.part")
 FROM_BANK = "teacher.from-bank"  # beside a restored teacher: it came from the bank, so it is not sent back
-
-
-def teacher_identity(params: dict, data_id: str) -> str:
-    """What a teacher was trained from: its params section (seed included) and its data's identity."""
-    return hash_obj({"params": params, "data": data_id})
 
 
 def part_sets(folder: Path) -> dict[tuple[str, str], list[Path]]:
@@ -62,7 +58,7 @@ def joined(parts: list[Path], sha: str) -> bytes | None:
 def pack(shared: Path, into: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     """The teacher of `shared` (teacher/ and teacher.json, as paper.py lays them out) as parts in `into`, made once."""
     manifest = read_json(shared / "teacher" / "manifest.json")
-    ident = teacher_identity(manifest["params"], manifest["inputs"]["data"])
+    ident = training_key(manifest["params"], manifest["inputs"]["data"])
     for (other, _), parts in part_sets(into).items():
         if other == ident:
             if not missing(parts):
@@ -114,16 +110,19 @@ def send(work: Path, out: Path, max_bytes: int, max_files: int, only: set[int] |
 
 def restore(bank: Path, ident: str, shared: Path) -> bool:
     """Extract the banked teacher `ident` into `shared` from a complete set of its parts that joins to the checksum
-    their names carry; False (and nothing written) if there is none."""
+    their names carry and holding a teacher of that training; False (and nothing written) if there is none."""
     for (other, sha), parts in part_sets(bank).items():
         whole = joined(parts, sha) if other == ident else None
         if whole is None:
             continue
         shared.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(shared / "teacher", ignore_errors=True)  # what a killed training may have left (no manifest)
         with tempfile.TemporaryDirectory(dir=shared) as tmp:
             with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
                 tar.extractall(tmp, filter="data")
+            manifest = read_json(Path(tmp) / "teacher" / "manifest.json")
+            if training_key(manifest["params"], manifest["inputs"]["data"]) != ident:  # misnamed parts
+                continue
+            shutil.rmtree(shared / "teacher", ignore_errors=True)  # what a killed training may have left
             shutil.move(Path(tmp) / "teacher.json", shared / "teacher.json")
             (shared / FROM_BANK).write_text(f"{ident}.{sha}\n")  # not to be sent back
             shutil.move(Path(tmp) / "teacher", shared / "teacher")  # last: its manifest marks the teacher as made

@@ -15,6 +15,18 @@ from pipeline.models import ModelSpec, build_model
 from pipeline.train import evaluate, fit, pick_device, prepare_model, summarise
 
 
+def recorded_params(cfg) -> dict:
+    """What the teacher stage records as its params (its manifest's `params`): the seed and the teacher section."""
+    return {"seed": cfg.seed, **cfg.teacher.model_dump()}
+
+
+def training_key(params: dict, data_id: str) -> str:
+    """Names one teacher training: its recorded params and its data (the resume checkpoint's key, the bank's name)."""
+    from pipeline.io import hash_obj
+
+    return hash_obj({"params": params, "data": data_id})
+
+
 def spec_for(model: ModelParams, data: Prepared) -> ModelSpec:
     h, w, c = data.image_shape
     return ModelSpec(arch=model.arch, num_classes=data.num_classes, in_chans=c, image_size=h, width=model.width,

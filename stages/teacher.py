@@ -26,19 +26,19 @@ def teacher(
     from pipeline import distributed
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
-    from pipeline.io import atomic_dir, check_outputs, hash_obj, write_json, write_manifest
-    from pipeline.teacher import adopt_teacher, train_teacher
+    from pipeline.io import atomic_dir, check_outputs, write_json, write_manifest
+    from pipeline.teacher import adopt_teacher, recorded_params, train_teacher, training_key
 
     check_outputs(metrics, folders=(out, live_dir), scratch=(resume_dir,), stage="teacher")
 
     distributed.init_from_env()
     prepared = load_prepared(data)
-    section = {"seed": cfg.seed, **p.model_dump()}
+    section = recorded_params(cfg)
     if p.checkpoint:
         model, spec, summary = adopt_teacher(p.checkpoint, prepared, p)
         history = []
     else:
-        key = hash_obj({"params": section, "data": prepared.data_id})
+        key = training_key(section, prepared.data_id)
         resume = resume_dir / f"teacher-{key}.pt"
         with training_callbacks("teacher", p.train.epochs, live_dir) as callbacks:
             model, spec, summary, history = train_teacher(prepared, p, cfg.seed, resume, key, **callbacks)

@@ -256,6 +256,23 @@ def test_a_results_folder_holding_other_json_is_refused_in_one_line(tmp_path, ca
     assert capsys.readouterr().err == f"error: {tmp_path / 'results/notes.json'} is not a results file of paper.py\n"
 
 
+def test_a_stage_output_that_failed_is_not_tried_again_by_the_next_cell(tmp_path, monkeypatch):
+    runner = paper.Runner(ROOT / "params.yaml", tmp_path / "work", [], 1)
+    stages, run = [], subprocess.run
+
+    def counted(cmd, **kwargs):
+        stages.append(cmd[3])
+        return run(cmd, **kwargs)
+
+    monkeypatch.setattr(paper.subprocess, "run", counted)
+    errors = []
+    for _ in range(2):  # e.g. two cells sharing one teacher
+        with pytest.raises(paper.StageFailed, match="teacher.train.lr") as err:
+            runner.kd("teacher", ["teacher.train.lr=-1"], runner.root / "teacher", "--data", str(tmp_path))
+        errors.append(str(err.value))
+    assert stages == ["teacher"] and errors[0] == errors[1]
+
+
 def test_the_q_chart_draws_each_teacher_training_of_a_cell():
     def layers(q):
         return [{"layer": float(i), "Q": value} for i, value in enumerate(q)]
@@ -380,6 +397,11 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     staged = sorted((grid / "work.parts").glob("*.part"))
     staged[-1].unlink()  # a packing cut short is made again, not sent incomplete
     assert teacher_bank.pack(original, grid / "work.parts", 50_000) == staged and staged[-1].is_file()
+    misnamed = tmp_path / "misnamed-bank"  # intact parts whose name says another training than their teacher's
+    misnamed.mkdir()
+    for part in teacher_bank.part_sets(bank)[(ident, sha)]:
+        shutil.copy(part, misnamed / part.name.replace(ident, "f" * 16))
+    assert not teacher_bank.restore(misnamed, "f" * 16, tmp_path / "y") and not (tmp_path / "y/teacher").exists()
     parts = teacher_bank.part_sets(bank)[(ident, sha)]
     damaged = bytearray(parts[1].read_bytes())
     damaged[100] ^= 1
