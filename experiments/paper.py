@@ -445,9 +445,9 @@ def run(args) -> int:
     grid, cells = load_grid(args.grid)
     if not (ROOT / grid["params"]).is_file():
         raise InputError(f"the grid's params file {ROOT / grid['params']} does not exist")
-    runner = Runner(ROOT / grid["params"], args.work, args.set or [], args.jobs, args.grid.read_text(),
+    runner = Runner(ROOT / grid["params"], args.work, args.set, args.jobs, args.grid.read_text(),
                     args.teacher_bank)
-    info = {"params": grid["params"], "extra_overrides": args.set or []}
+    info = {"params": grid["params"], "extra_overrides": args.set}
     unknown = sorted(set(args.cells or ()) - {cell.name for cell in cells})
     if unknown:
         return _bad_input(f"unknown cells {unknown}: `paper.py plan` lists them")
@@ -455,7 +455,7 @@ def run(args) -> int:
         mixed = _other_variant(args.results / f"{cell.name}.json", info)
         if mixed:
             return _bad_input(mixed)
-    changed = changed_runs(cells, args.results, runner.params, args.set or [])
+    changed = changed_runs(cells, args.results, runner.params, args.set)
     if changed:
         return _bad_input(f"{len(changed)} recorded runs were made with other params than the grid gives them now "
                           f"(e.g. {changed[0]}): delete them from {args.results}, or restore the grid")
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                         "is expected to take (default: as long as the longest recorded run of any)")
     run_ap.add_argument("--cells", nargs="*", help="only these cells")
     run_ap.add_argument("--drop-caches", action="store_true", help="delete a feature cache once no run needs it")
-    run_ap.add_argument("-S", "--set", action="append", help="extra override for every stage")
+    run_ap.add_argument("-S", "--set", action="append", default=[], help="extra override for every stage")
     run_ap.add_argument("--teacher-bank", type=Path, help="teachers to restore, not train (teacher_bank.py)")
     table_ap = sub.add_parser("table")
     table_ap.add_argument("--write", type=Path, help="replace the marked section of this Markdown file")
