@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from paper import Cell, Runner, describe, device_name, time_split  # noqa: E402
+from paper import Runner, device_name  # noqa: E402
+from paper_grid import Cell  # noqa: E402
+from paper_table import describe, time_split  # noqa: E402
 
 REFERENCE_IMG_S = 12_300
 

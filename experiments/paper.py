@@ -12,10 +12,10 @@ experiments/results/<cell>.json: a chunk cut short keeps what it finished and th
 file, the grid and extra -S overrides (e.g. fewer epochs for a smoke run) key the work folder, so outputs made
 otherwise are never reused; runs already in experiments/results are skipped, and `run` refuses to start while one
 of them was made with other params than the grid now gives it (edit the grid, delete those runs). An
-ablation run whose criterion selects the teacher layers of the main (Q) cell's run with the same method and seed
-would repeat it: that run is recorded for it (`same_run_as`) instead, its teacher possibly an earlier chunk's (as
-the seeds of one cell may be; each entry keeps its teacher's accuracy). `--teacher-bank` restores a teacher an
-earlier session trained on these params and data instead of training it (teacher_bank.py).
+ablation run whose criterion selects, from the same teacher training, the teacher layers of the main (Q) cell's run
+with the same method and seed would repeat it: that run is recorded for it (`same_run_as`) instead. `--teacher-bank`
+restores a teacher an earlier session trained on these params and data instead of training it (teacher_bank.py).
+The grid and the results files: paper_grid.py; the table: paper_table.py.
 """
 
 from __future__ import annotations
@@ -29,101 +29,20 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
+from paper_grid import GRID, RESULTS, Cell, load_grid, merged, methods_override, read_cell, read_runs
+from paper_table import describe, table, time_split, write_table
 from pipeline.errors import InputError
-from pipeline.io import atomic_path, manifest_id, read_json, write_json
+from pipeline.io import manifest_id, read_json, write_json
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-GRID = HERE / "paper.yaml"
-RESULTS = HERE / "results"
-BEGIN, END = "<!-- paper-experiment:begin -->", "<!-- paper-experiment:end -->"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """Runs that share data, teacher, scores and cache: one regime, student and layer criterion."""
-
-    regime: str
-    student: str
-    criterion: str
-    methods: tuple[str, ...]
-    regime_overrides: tuple[str, ...]  # the grid's overrides, then the regime's
-    method_overrides: dict[str, list[str]]
-
-    @property
-    def name(self) -> str:
-        return f"{self.regime}-{self.student}-{self.criterion}"
-
-    @property
-    def overrides(self) -> list[str]:
-        return [*self.regime_overrides, f"student.model.arch={self.student}", f"score.criterion={self.criterion}"]
-
-    def key(self, *sections: str) -> str:
-        """Names the overrides of these params sections: cells that agree on them share those stages' outputs (one
-        teacher serves every regime that changes only what the students see)."""
-        own = sorted(o for o in self.overrides if o.partition("=")[0].split(".")[0] in sections)
-        return hashlib.sha256("\n".join(own).encode()).hexdigest()[:8]
-
-    def run_overrides(self, method: str, seed: int) -> list[str]:
-        own = self.method_overrides.get(method, [])
-        return merged(self.overrides, own, [f"seed={seed}", f"student.method={method}"])
-
-
-GRID_KEYS = {"params", "seeds", "regimes", "students", "methods", "ablation"}
-
-
-def load_grid(path: Path = GRID) -> tuple[dict, list[Cell]]:
-    """The grid file's cells; InputError (one line) when the file is missing, malformed or names a run twice."""
-    if not path.is_file():
-        raise InputError(f"grid file not found: {path}")
-    try:
-        grid = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"grid {path} is not valid YAML ({type(err).__name__})") from None
-    missing = GRID_KEYS - set(grid) if isinstance(grid, dict) else GRID_KEYS
-    if missing or not isinstance(grid["ablation"], dict) or not {"method", "criteria"} <= set(grid["ablation"]):
-        raise InputError(f"grid {path}: missing {', '.join(sorted(missing)) or 'ablation.method/criteria'}")
-    ablation = grid["ablation"]
-    if not isinstance(grid["regimes"], dict):
-        raise InputError(f"grid {path}: regimes must be a mapping of names to overrides")
-    lists = {"seeds": grid["seeds"], "students": grid["students"], "methods": grid["methods"],
-             "ablation.criteria": ablation["criteria"]}
-    for name, items in lists.items():
-        if not isinstance(items, list):
-            raise InputError(f"grid {path}: {name} must be a list")
-        if len(set(map(str, items))) != len(items):
-            raise InputError(f"grid {path}: {name} names an item twice")
-    if "Q" in ablation["criteria"]:
-        raise InputError(f"grid {path}: ablation.criteria holds Q, the main cells' criterion")
-    cells = [Cell(regime, student, criterion, methods, (*grid.get("overrides", []), *overrides),
-                  grid.get("method_overrides", {}))
-             for regime, overrides in grid["regimes"].items() for student in grid["students"]
-             for criterion, methods in [("Q", tuple(grid["methods"]))]
-             + [(c, (ablation["method"],)) for c in ablation["criteria"]]]
-    return grid, cells
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bad_input(message: str) -> int:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return 2
-
-
-def merged(*lists: list[str]) -> list[str]:
-    """key=value overrides with each key once, the last value winning (dvc need not apply repeated -S in order)."""
-    out: dict[str, str] = {}
-    for item in (item for items in lists for item in items):
-        out[item.partition("=")[0]] = item
-    return list(out.values())
-
-
-def methods_override(methods) -> str:
-    return f"methods=[{','.join(methods)}]"
 
 
 class StageFailed(RuntimeError):
@@ -346,7 +265,7 @@ class Chunk:
                 self.running[future] = (cell, key)
                 continue
             self.waiting.setdefault((main, key), []).append(cell)
-            recorded = _read_runs(self.results / f"{main}.json").get(key)
+            recorded = read_runs(self.results / f"{main}.json").get(key)
             if recorded is not None:
                 self.record_twins(main, key, recorded)
             elif (main, key) in self.errors:
@@ -390,7 +309,7 @@ class Chunk:
         if cell.criterion == "Q":
             return None
         ours = (context["teacher_id"], context["selection"]["layers"])
-        done = _read_runs(self.results / f"{main}.json").get(key)
+        done = read_runs(self.results / f"{main}.json").get(key)
         if done is not None:
             return main if (done.get("teacher_id"), done["teacher_layers"]) == ours else None
         if main not in self.prepared or not self.prepared[main].done():  # (else the preparer would wait for itself)
@@ -463,7 +382,7 @@ def run(args) -> int:
     # chunk on a fresh machine trains its own)
     todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
             for seed in grid["seeds"] for method in cell.methods
-            if f"{method}-s{seed}" not in _read_runs(args.results / f"{cell.name}.json")]
+            if f"{method}-s{seed}" not in read_runs(args.results / f"{cell.name}.json")]
     print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
     chunk = Chunk(runner, todo, args.results, info, args.jobs, grid.get("max_jobs", {}), args.budget_s,
                   args.drop_caches, args.expect_s)
@@ -509,7 +428,7 @@ def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str
     by_name = {cell.name: cell for cell in cells}
     changed = []
     for cell in cells:
-        for key, entry in _read_runs(results / f"{cell.name}.json").items():
+        for key, entry in read_runs(results / f"{cell.name}.json").items():
             made_as = by_name.get(entry.get("same_run_as", cell.name))
             now = run_hashes(params, made_as, entry["method"], entry["seed"], extra) if made_as else {}
             if any(now.get(name) != entry[name] for name in ("params_hash", "upstream_hash") if name in entry):
@@ -526,122 +445,6 @@ def recorded_wall_seconds(results: Path) -> dict[tuple[str, str], float]:
             group = (saved["regime"], saved["student"])
             longest[group] = max(longest.get(group, 0.0), entry["wall_seconds"])
     return longest
-
-
-def time_split(entry: dict) -> dict[str, float]:
-    """Where a run's wall time went: the student stage's set-up (model, teacher features, data on the device),
-    training epochs, evaluations, resume checkpoints and the rest (process start-up, loading, saving); the probe's
-    L-BFGS fits and the rest of its stage. Entries recorded before set-up and fits were timed count them in the rest."""
-    parts = {"setup": entry.get("setup_seconds", 0.0), "train": entry["train_seconds"], "eval": entry["eval_seconds"],
-             "checkpoints": entry["checkpoint_seconds"]}
-    parts["student start-up/saving"] = entry["student_stage_seconds"] - sum(parts.values())
-    parts["probe fits"] = entry.get("probe_fit_seconds", 0.0)
-    parts["probe rest"] = entry["probe_stage_seconds"] - parts["probe fits"]
-    return parts
-
-
-def describe(split: dict[str, float]) -> str:
-    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in split.items())
-
-
-def read_cell(path: Path) -> dict:
-    """A cell's results file, refused in one line unless it is one."""
-    saved = read_json(path)
-    if not isinstance(saved, dict) or not {"cell", "regime", "student", "runs"} <= saved.keys():
-        raise InputError(f"{path} is not a results file of paper.py")
-    return saved
-
-
-def _read_runs(path: Path) -> dict:
-    return read_cell(path)["runs"] if path.is_file() else {}
-
-
-def _pm(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{100 * mean:.2f}"  # one seed has no spread to show
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def _teachers(runs) -> str:
-    """The test top-1 of the teachers these runs distilled from: several where chunks trained their own."""
-    return " / ".join(f"{100 * acc:.2f}" for acc in sorted({r["teacher_test_acc"] for r in runs}))
-
-
-def _rows(cell: dict, method: str) -> list[dict]:
-    return [r for r in cell["runs"].values() if r["method"] == method]
-
-
-def table(results: Path, grid_path: Path = GRID) -> str:
-    """Markdown: per regime and student, the methods table and the layer-criterion ablation; mean ± std."""
-    grid, _ = load_grid(grid_path)
-    cells = {c["cell"]: c for c in map(read_cell, sorted(results.glob("*.json")))}
-    out = []
-    for regime in grid["regimes"]:
-        for student in grid["students"]:
-            main = cells.get(f"{regime}-{student}-Q")
-            if main is None:
-                continue
-            runs = main["runs"].values()
-            devices = ", ".join(sorted({f"{r['device']} ({r['jobs']} runs at a time)" for r in runs}))
-            teachers = _teachers(runs)
-            selected = " / ".join(sorted({str(r["teacher_layers"]) for r in _rows(main, "ours")}))
-            out += [f"### {regime}, {student} student", "",
-                    f"Teacher test top-1 {teachers} % (one value per teacher trained for these runs); layers selected "
-                    f"by Q: {selected}. Device: {devices}.", "",
-                    "| method | seeds | last-epoch top-1 (%) | best-epoch top-1 (%) | linear probe (%) | s/run |",
-                    "|---|---|---|---|---|---|"]
-            for method in grid["methods"]:
-                rows = _rows(main, method)
-                if rows:
-                    wall = sum(r["wall_seconds"] for r in rows) / len(rows)
-                    out.append(f"| {method} | {len(rows)} | {_pm([r['test_acc'] for r in rows])} | "
-                               f"{_pm([r['best_test_acc'] for r in rows])} | "
-                               f"{_pm([r['probe_test_acc'] for r in rows])} | {wall:.0f} |")
-            out += ["", f"Layer criterion ablation ({grid['ablation']['method']}):", "",
-                    "| criterion | teacher layers | seeds | last-epoch top-1 (%) | linear probe (%) | "
-                    "teacher top-1 (%) |",
-                    "|---|---|---|---|---|---|"]
-            for criterion in ["Q", *grid["ablation"]["criteria"]]:
-                cell = cells.get(f"{regime}-{student}-{criterion}")
-                rows = _rows(cell, grid["ablation"]["method"]) if cell else []
-                if rows:
-                    layers = " / ".join(sorted({str(r["teacher_layers"]) for r in rows}))
-                    copies = sum("same_run_as" in r for r in rows)
-                    if copies:
-                        layers += " (Q's runs)" if copies == len(rows) else f" ({copies} of them Q's runs)"
-                    out.append(f"| {criterion} | {layers} | {len(rows)} | "
-                               f"{_pm([r['test_acc'] for r in rows])} | {_pm([r['probe_test_acc'] for r in rows])} | "
-                               f"{_teachers(rows)} |")
-            out += ["", _q_chart(main), ""]
-    return "\n".join(out).rstrip() + "\n" if out else "No runs yet.\n"
-
-
-def _q_chart(cell: dict) -> str:
-    """Q per teacher layer as a Mermaid line chart (rendered by GitHub; no plotting dependency): one line per
-    teacher training the cell's runs distilled from (cells recorded before runs named theirs: the latest)."""
-    scores = [c["layers"] for c in cell.get("teachers", {}).values()] or [cell["layers"]]
-    lines = sorted({tuple(round(row["Q"], 3) for row in layers) for layers in scores})
-    title = f"Q per teacher layer ({cell['regime']}" + (f"; {len(lines)} teachers)" if len(lines) > 1 else ")")
-    return "\n".join(["```mermaid", "xychart-beta", f'  title "{title}"',
-                      f"  x-axis [{', '.join(str(int(row['layer'])) for row in scores[0])}]", '  y-axis "Q"',
-                      *[f"  line [{', '.join(map(str, q))}]" for q in lines], "```"])
-
-
-def write_table(doc: Path, text: str) -> None:
-    """Replace the marked section of `doc` (appended when absent)."""
-    current = doc.read_text() if doc.is_file() else ""
-    block = f"{BEGIN}\n{text}{END}"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + block + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip() + ("\n\n" if current else "") + block + "\n"
-    with atomic_path(doc) as tmp:
-        tmp.write_text(current)
 
 
 def queue_commands(grid_path: Path = GRID, extra: list[str] = ()) -> list[str]:
@@ -697,7 +500,7 @@ def _command(args) -> int:
     if args.command == "plan":
         grid, cells = load_grid(args.grid)
         for cell in cells:
-            done, total = len(_read_runs(args.results / f"{cell.name}.json")), len(cell.methods) * len(grid["seeds"])
+            done, total = len(read_runs(args.results / f"{cell.name}.json")), len(cell.methods) * len(grid["seeds"])
             print(f"{cell.name:28s} {done:3d}/{total} runs  {' '.join(cell.overrides)} {methods_override(cell.methods)}")
         return 0
     if args.command == "run":

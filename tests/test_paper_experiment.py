@@ -15,6 +15,7 @@ from pipeline.sources import locate_fashion_mnist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import paper  # noqa: E402
+import paper_table  # noqa: E402
 
 SMALL = {"prepare": {"root": None, "train_subset": 300, "test_subset": 100},
          "teacher": {"model": {"arch": "resnet34", "width": 0.0625}, "train": {"epochs": 1, "batch_size": 32},
@@ -67,7 +68,7 @@ def test_every_run_is_recorded_with_its_metrics(grid):
         assert entry["student_stage_seconds"] + entry["probe_stage_seconds"] == pytest.approx(entry["wall_seconds"],
                                                                                                abs=0.5)
         assert entry["eval_seconds"] > 0 and entry["checkpoint_seconds"] == 0  # runs shorter than resume_every_s
-        split = paper.time_split(entry)
+        split = paper_table.time_split(entry)
         assert (split["setup"], split["train"], split["eval"], split["probe fits"]) == (
             student["setup_seconds"], student["train_seconds"], student["eval_seconds"], entry["probe_fit_seconds"])
         assert split["setup"] > 0 and split["probe fits"] > 0
@@ -279,11 +280,11 @@ def test_the_q_chart_draws_each_teacher_training_of_a_cell():
 
     cell = {"regime": "r", "layers": layers([1.0, 2.0]), "teachers": {"a": {"layers": layers([1.0, 2.0])},
                                                                       "b": {"layers": layers([1.5, 2.5])}}}
-    chart = paper._q_chart(cell).splitlines()
+    chart = paper_table.q_chart(cell).splitlines()
     assert chart[2:] == ['  title "Q per teacher layer (r; 2 teachers)"', "  x-axis [0, 1]", '  y-axis "Q"',
                          "  line [1.0, 2.0]", "  line [1.5, 2.5]", "```"]
     del cell["teachers"]  # recorded before runs named their teacher
-    assert paper._q_chart(cell).splitlines()[2:5] == ['  title "Q per teacher layer (r)"', "  x-axis [0, 1]",
+    assert paper_table.q_chart(cell).splitlines()[2:5] == ['  title "Q per teacher layer (r)"', "  x-axis [0, 1]",
                                                       '  y-axis "Q"']
 
 
@@ -313,7 +314,7 @@ def test_table_shows_means_over_seeds_and_replaces_its_section(grid):
     assert "| Q | " in text and "xychart-beta" in text
     paper_cli(grid, "table", "--write", str(doc))
     written = doc.read_text()
-    assert written.startswith("# Results\n\nintro\n") and written.count(paper.BEGIN) == 1
+    assert written.startswith("# Results\n\nintro\n") and written.count(paper_table.BEGIN) == 1
     assert text in written
 
 
