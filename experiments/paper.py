@@ -312,9 +312,10 @@ class Chunk:
         done = read_runs(self.results / f"{main}.json").get(key)
         if done is not None:
             return main if (done.get("teacher_id"), done["teacher_layers"]) == ours else None
-        if main not in self.prepared or not self.prepared[main].done():  # (else the preparer would wait for itself)
+        prepared = self.prepared.get(main)
+        if prepared is None or not prepared.done() or prepared.exception():  # (the preparer cannot wait for itself)
             return None
-        theirs = self.prepared[main].result()["context"]
+        theirs = prepared.result()["context"]
         same = (theirs["teacher_id"], theirs["selection"]["layers"]) == ours
         return main if same and any(c.name == main and k == key for c, k in self.asked) else None
 

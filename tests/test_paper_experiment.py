@@ -104,10 +104,10 @@ def test_the_budget_leaves_out_only_the_cells_it_has_no_room_for(tmp_path):
         return paper.Cell(regime, student, "Q", ("ours",), (), {})
 
     slow, fast, unseen = cell("a", "mobilenetv2"), cell("a", "resnet9"), cell("b", "resnet9")
-    (tmp_path / "a-mobilenetv2-Q.json").write_text(json.dumps(
-        {"cell": "a-mobilenetv2-Q", "regime": "a", "student": "mobilenetv2", "runs": {"ours-s0": {"wall_seconds": 200}}}))
-    (tmp_path / "a-resnet9-Q.json").write_text(json.dumps(
-        {"cell": "a-resnet9-Q", "regime": "a", "student": "resnet9", "runs": {"ours-s0": {"wall_seconds": 60}}}))
+    for student, seconds in (("mobilenetv2", 200), ("resnet9", 60)):
+        recorded = {"cell": f"a-{student}-Q", "regime": "a", "student": student,
+                    "runs": {"ours-s0": {"wall_seconds": seconds}}}
+        (tmp_path / f"a-{student}-Q.json").write_text(json.dumps(recorded))
     todo = [(slow, "ours", 1), (slow, "ours", 2), (fast, "ours", 1), (unseen, "ours", 1)]
     chunk = paper.Chunk(None, todo, tmp_path, {}, 1, {}, budget_s=100, drop_caches=False, expect_s=90)
     assert chunk.over_budget(slow) and chunk.todo == todo[2:]  # 200 s expected: its runs are left out
