@@ -34,14 +34,14 @@ from typing import Callable
 
 from paper_grid import GRID, RESULTS, Cell, load_grid, merged, methods_override, read_cell, read_runs
 from paper_table import describe, table, time_split, write_table
-from pipeline.errors import InputError
+from pipeline.errors import InputError, error_line
 from pipeline.io import manifest_id, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bad_input(message: str) -> int:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     return 2
 
 
@@ -163,7 +163,7 @@ class Runner:
                  "jobs": jobs,
                  "device": device_name(), "overrides": merged(sets, self.extra),
                  "params_hash": manifest["params_hash"],
-                 "upstream_hash": upstream_hash(self.params, cell, method, seed, self.extra),
+                 "upstream_hash": run_hashes(self.params, cell, method, seed, self.extra)["upstream_hash"],
                  "code_version": manifest["code_version"]}
         write_json(run / "run.json", entry)
         return entry
@@ -395,31 +395,24 @@ def run(args) -> int:
     return 0
 
 
-def upstream_hash(params: Path, cell: Cell, method: str, seed: int, extra: list[str]) -> str:
-    """The params a run's data, teacher, scores and probe are made with (`prepare_cell` trains the teacher on the
-    cell's overrides, so with the params file's seed), where the data lie left out."""
-    from pipeline.config import load_params
-    from pipeline.io import hash_obj
-
-    shared = load_params(params, merged(cell.overrides, extra))
-    prepare = {k: v for k, v in shared.prepare.model_dump().items() if k not in ("root", "cache_dir")}
-    probe = load_params(params, merged(cell.run_overrides(method, seed), extra)).probe
-    return hash_obj({"seed": shared.seed, "prepare": prepare, "teacher": shared.teacher.model_dump(),
-                     "score": shared.score.model_dump(), "probe": probe.model_dump()})
-
-
 def run_hashes(params: Path, cell: Cell, method: str, seed: int, extra: list[str]) -> dict[str, str]:
-    """The hashes the grid gives a run now: its student params (as its manifest records them) and upstream_hash;
-    none where the stages would refuse its params."""
+    """The hashes the grid gives a run now, none where the stages would refuse its params: `params_hash`, of its
+    student's params as its manifest records them, and `upstream_hash`, of the params its data, teacher, scores and
+    probe are made with (`prepare_cell` trains the teacher on the cell's overrides, so with the params file's seed),
+    where the data lie left out."""
     from pipeline.config import load_params
     from pipeline.io import hash_obj
     from pipeline.student import recorded_params
 
     try:
-        student = recorded_params(load_params(params, merged(cell.run_overrides(method, seed), extra)))
-        return {"params_hash": hash_obj(student), "upstream_hash": upstream_hash(params, cell, method, seed, extra)}
+        shared = load_params(params, merged(cell.overrides, extra))
+        run = load_params(params, merged(cell.run_overrides(method, seed), extra))
     except InputError:
         return {}
+    prepare = {k: v for k, v in shared.prepare.model_dump().items() if k not in ("root", "cache_dir")}
+    upstream = {"seed": shared.seed, "prepare": prepare, "teacher": shared.teacher.model_dump(),
+                "score": shared.score.model_dump(), "probe": run.probe.model_dump()}
+    return {"params_hash": hash_obj(recorded_params(run)), "upstream_hash": hash_obj(upstream)}
 
 
 def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str]) -> list[str]:

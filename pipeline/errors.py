@@ -1,3 +1,8 @@
+def error_line(message: str) -> str:
+    """`error: <message>` in one line, whatever line breaks a library's message holds."""
+    return f"error: {' '.join(message.split())}"
+
+
 class InputError(Exception):
     """Bad input from the user (params, files, shapes). Commands report it in one line and exit 2."""
 

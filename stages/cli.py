@@ -9,8 +9,9 @@ import threading
 import typer
 from typer.core import TyperGroup
 
+from pipeline.errors import error_line
+
 from stages.cache import cache
-from stages.common import error_line
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.predict import predict

@@ -11,15 +11,12 @@ from typing import Callable, Optional
 
 import typer
 
+from pipeline.errors import error_line
+
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (one section per stage)")
 SetOpt = typer.Option(None, "--set", "-S", help="override a param, e.g. -S teacher.train.epochs=3 (repeatable)")
 DataOpt = typer.Option(Path("data/prepared"), help="output folder of `prepare`")
 TeacherOpt = typer.Option(Path("models/teacher"), "--teacher", help="output folder of `teacher`")
-
-
-def error_line(message: str) -> str:
-    """`error: <message>` in one line, whatever line breaks a library's message holds."""
-    return f"error: {' '.join(message.split())}"
 
 
 def fail(message: str, code: int = 2) -> None:
