@@ -118,11 +118,11 @@ class Runner:
         """The teacher the teacher stage would train here, from the bank if it holds it."""
         from pipeline.config import load_params
         from pipeline.io import read_manifest
-        from pipeline.teacher import recorded_params, training_key
+        from pipeline.teacher import training_key
         from teacher_bank import restore
 
         cfg = load_params(self.params, [*sets, *self.extra])
-        ident = training_key(recorded_params(cfg), manifest_id(read_manifest(data, "prepare")))
+        ident = training_key(cfg.recorded_for("teacher"), manifest_id(read_manifest(data, "prepare")))
         restored = restore(self.bank, ident, shared)
         print(f"{cell.name}: teacher {ident} " + (f"restored from {self.bank}, not trained" if restored else
                                                   f"not in {self.bank} (no complete, intact set): trained"), flush=True)
@@ -402,17 +402,15 @@ def run_hashes(params: Path, cell: Cell, method: str, seed: int, extra: list[str
     where the data lie left out."""
     from pipeline.config import load_params
     from pipeline.io import hash_obj
-    from pipeline.student import recorded_params
 
     try:
         shared = load_params(params, merged(cell.overrides, extra))
         run = load_params(params, merged(cell.run_overrides(method, seed), extra))
     except InputError:
         return {}
-    prepare = {k: v for k, v in shared.prepare.model_dump().items() if k not in ("root", "cache_dir")}
-    upstream = {"seed": shared.seed, "prepare": prepare, "teacher": shared.teacher.model_dump(),
-                "score": shared.score.model_dump(), "probe": run.probe.model_dump()}
-    return {"params_hash": hash_obj(recorded_params(run)), "upstream_hash": hash_obj(upstream)}
+    upstream = {"seed": shared.seed, "prepare": shared.prepare.recorded(), "teacher": shared.teacher.recorded(),
+                "score": shared.score.recorded(), "probe": run.probe.recorded()}
+    return {"params_hash": hash_obj(run.recorded_for("student")), "upstream_hash": hash_obj(upstream)}
 
 
 def changed_runs(cells: list[Cell], results: Path, params: Path, extra: list[str]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from paper_grid import GRID, load_grid, read_cell
-from pipeline.io import atomic_path
+from pipeline.io import write_text
 
 BEGIN, END = "<!-- paper-experiment:begin -->", "<!-- paper-experiment:end -->"
 
@@ -110,5 +110,4 @@ def write_table(doc: Path, text: str) -> None:
         current = head + block + rest.split(END, 1)[1]
     else:
         current = current.rstrip() + ("\n\n" if current else "") + block + "\n"
-    with atomic_path(doc) as tmp:
-        tmp.write_text(current)
+    write_text(doc, current)

@@ -16,6 +16,7 @@ from pipeline.errors import InputError
 
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeding range
+Device = Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")]
 
 
 class Section(BaseModel):
@@ -31,6 +32,10 @@ class Section(BaseModel):
             raise ValueError(f"{str(value).lower()} (a boolean) is not valid here")
         return value
 
+    def recorded(self) -> dict:
+        """What a stage's manifest records of this section: what its outputs depend on."""
+        return self.model_dump()
+
 
 class PrepareParams(Section):
     source: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder"] = Field(
@@ -43,6 +48,10 @@ class PrepareParams(Section):
     train_subset: Optional[PositiveInt] = Field(None, description="class-balanced training subset size; null: all")
     test_subset: Optional[PositiveInt] = Field(None, description="class-balanced test subset size; null: all")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="imagefolder without train/test folders: test share")
+
+    def recorded(self) -> dict:
+        """Where the data lie left out: moving them must not make every later stage run again."""
+        return self.model_dump(exclude={"root", "cache_dir"})
 
 
 PAPER_ARCHS = ("resnet9", "resnet34", "mobilenetv2", "vgg11_bn", "vgg19_bn", "vit_ett", "vit_b")
@@ -91,7 +100,7 @@ class TeacherParams(Section):
     model: TeacherModelParams = TeacherModelParams()
     train: RecipeParams = RecipeParams()
     checkpoint: Optional[str] = Field(None, description="load this teacher checkpoint instead of training one")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Device = "auto"
 
 
 class ScoreParams(Section):
@@ -106,12 +115,12 @@ class ScoreParams(Section):
                                                    "selection (numbered from 0, as in the scores' layers.csv)")
     dtype: Literal["float64", "float32"] = Field("float64", description="precision of Gram and spectra")
     batch_size: PositiveInt = Field(500, description="teacher forward batch size")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Device = "auto"
 
 
 class CacheParams(Section):
     batch_size: PositiveInt = Field(500, description="teacher forward batch size")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Device = "auto"
 
 
 METHOD_NAMES = ("ce", "vkd", "vkd_std", "base_fkd", "base_fkd_nokl", "base_fkd_all", "stl_seplin", "ours",
@@ -134,7 +143,8 @@ class StudentParams(Section):
         "lr", description="peak learning rate: train.lr; reference: what the reference code ran for this student and "
                           "method (0.05 for ResNet-9/MobileNetV2 KD students, else 0.01; plain `ce` students 0.01); "
                           "or max_lr (the reference configs' MaxLR field, printed but never used by its optimizer)")
-    max_lr: float = Field(0.0075, gt=0, description="peak when peak_lr is max_lr")
+    max_lr: float = Field(0.0075, gt=0, description="peak when peak_lr is max_lr (the reference's MaxLR: "
+                         "0.0075 for ResNet/MobileNetV2 students, 0.005 VGG, 0.001 ViT_ETT)")
     student_layers: Optional[list[NonNegativeInt]] = Field(
         None, description="distilled student layers (numbered from 0); null: standard list")
     teacher_layers: Optional[list[NonNegativeInt]] = Field(
@@ -153,7 +163,7 @@ class StudentParams(Section):
     teacher_features: Literal["cache", "device"] = Field(
         "cache", description="cache: the cache stage's files; device: the teacher runs over the training split once "
                              "at start and its features stay on the device (no disk; with augment: every batch)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Device = "auto"
 
 
 class ProbeParams(Section):
@@ -166,7 +176,7 @@ class ProbeParams(Section):
 
 
 class EvaluateParams(Section):
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Device = "auto"
 
 
 class ExportParams(Section):
@@ -203,6 +213,10 @@ class Params(Section):
         if repeated:
             raise ValueError(f"{', '.join(repeated)} listed twice: each run is trained once")
         return runs
+
+    def recorded_for(self, stage: str) -> dict:
+        """A stage's manifest `params`: the seed and the stage's section."""
+        return {"seed": self.seed, **getattr(self, stage).recorded()}
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

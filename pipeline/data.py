@@ -34,6 +34,11 @@ class Prepared:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["image_shape"])  # H, W, C
 
+    def checkpoint_info(self) -> dict:
+        """What a model checkpoint keeps of its data: their id, class names and normalisation (for deployment)."""
+        return {"data_id": self.data_id, "classes": self.meta["classes"], "mean": self.meta["mean"],
+                "std": self.meta["std"]}
+
     def train_subset(self, size: int | None) -> Prepared:
         """A class-balanced `size` of the training split, drawn as `prepare.train_subset` draws it (same seed: from
         an unsubsetted split, the same images), with the same test split and normalisation; all of it when `size`

@@ -142,10 +142,9 @@ class Distiller(nn.Module):
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The deepest distilled layer's output and the logits, from one forward pass."""
         z = self.view.collect(x, [self.student_layers[-1]])[0]
-        return z, self._simkd_logits(z) if self.tail is not None else self.view.head(z, self.student_layers[-1])
-
-    def _simkd_logits(self, last: torch.Tensor) -> torch.Tensor:
-        return self._run_tail(self._project(len(self.pairs) - 1, canonical(last)))
+        if self.tail is None:
+            return z, self.view.head(z, self.student_layers[-1])
+        return z, self._run_tail(self._project(len(self.pairs) - 1, canonical(z)))  # SimKD: the teacher's tail
 
     def _run_tail(self, z: torch.Tensor) -> torch.Tensor:
         """SimKD: the teacher's tail on the projected deepest student feature."""

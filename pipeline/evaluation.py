@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -84,44 +86,50 @@ def markdown_summary(teacher: dict, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str], device: torch.device,
-                      batch_size: int = 1024) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+BATCH = 1024
+
+
+def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str],
+                      device: torch.device) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Teacher report, one report per student run (head and probe) and the test predictions of each model.
 
     `run_names` ("<method>-s<seed>") name the runs to evaluate, so runs left in `runs_dir` by an earlier
     methods x seeds matrix never leak into the report.
     """
-    from pathlib import Path
-
-    from pipeline.io import read_manifest
-    from pipeline.probe import load_probe, pooled_features
-    from pipeline.student import load_student_dir
     from pipeline.teacher import device_splits, load_teacher
     from pipeline.train import predict_logits, prepare_model
 
     _, test = device_splits(data, device)
     teacher, _, _ = load_teacher(teacher_dir, data)
-    logits = predict_logits(prepare_model(teacher, device), test, batch_size)
-    teacher_report = classification_report(logits, test.labels, data.num_classes)
+    logits = predict_logits(prepare_model(teacher, device), test, BATCH)
     predictions = {"teacher": logits.argmax(1).cpu()}
     runs = []
-    for run_dir in [Path(runs_dir) / f"student-{name}" for name in run_names]:
-        manifest = read_manifest(run_dir, "student")
-        method, seed = manifest["params"]["method"], manifest["params"]["seed"]
-        if run_dir.name != f"student-{method}-s{seed}":  # a copied or renamed run would be reported as another
-            raise InputError(f"{run_dir} holds the student of method {method}, seed {seed}")
-        distiller, _, _ = load_student_dir(run_dir, data)
-        feats, logits = pooled_features(prepare_model(distiller, device), test, batch_size)
-        report = classification_report(logits, test.labels, data.num_classes)
-        name = run_dir.name.removeprefix("student-")
-        predictions[name] = logits.argmax(1).cpu()
-        curve = [r["test_acc"] for r in manifest["history"]]
-        run = {"run": name, "method": method, "seed": seed, **report, "best_epoch_top1": max(curve),
-               "epochs": len(curve), "test_acc_by_epoch": curve, "probe_top1": None}
-        probe_dir = Path(runs_dir) / f"probe-{name}"
-        if (probe_dir / "probe.pt").is_file():
-            probe = load_probe(probe_dir, manifest)
-            run["probe_top1"] = classification_report(probe.logits(feats.cpu()), test.labels.cpu(),
-                                                      data.num_classes)["top1"]
+    for name in run_names:
+        run, predictions[name] = _evaluate_run(data, test, Path(runs_dir), name, device)
         runs.append(run)
-    return teacher_report, runs, predictions
+    return classification_report(logits, test.labels, data.num_classes), runs, predictions
+
+
+def _evaluate_run(data, test, runs_dir: Path, name: str, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """The report of run `name` (its head's, its learning curve, its probe's top-1) and its head's predictions."""
+    from pipeline.io import read_manifest
+    from pipeline.probe import load_probe, pooled_features
+    from pipeline.student import load_student_dir
+    from pipeline.train import prepare_model
+
+    run_dir = runs_dir / f"student-{name}"
+    manifest = read_manifest(run_dir, "student")
+    method, seed = manifest["params"]["method"], manifest["params"]["seed"]
+    if name != f"{method}-s{seed}":  # a copied or renamed run would be reported as another
+        raise InputError(f"{run_dir} holds the student of method {method}, seed {seed}")
+    distiller, _, _ = load_student_dir(run_dir, data)
+    feats, logits = pooled_features(prepare_model(distiller, device), test, BATCH)
+    curve = [r["test_acc"] for r in manifest["history"]]
+    run = {"run": name, "method": method, "seed": seed, **classification_report(logits, test.labels, data.num_classes),
+           "best_epoch_top1": max(curve), "epochs": len(curve), "test_acc_by_epoch": curve, "probe_top1": None}
+    probe_dir = runs_dir / f"probe-{name}"
+    if (probe_dir / "probe.pt").is_file():
+        probe = load_probe(probe_dir, manifest)
+        run["probe_top1"] = classification_report(probe.logits(feats.cpu()), test.labels.cpu(),
+                                                  data.num_classes)["top1"]
+    return run, logits.argmax(1).cpu()

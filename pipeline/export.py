@@ -166,6 +166,5 @@ def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, 
             figures[bs] = parity_gate(tmp, reference, images, bs, atol, min_agreement)
     return {"max_abs_diff": max(f["max_abs_diff"] for f in figures.values()),
             "top1_agreement": min(f["top1_agreement"] for f in figures.values()),
-            "by_batch_size": {str(bs): {"max_abs_diff": f["max_abs_diff"], "top1_agreement": f["top1_agreement"],
-                                        "images": f["images"]} for bs, f in figures.items()},
+            "by_batch_size": {str(bs): f for bs, f in figures.items()},
             **{k: v for k, v in metadata.items() if k in ("method", "arch", "head", "run")}}, made_from

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.export import read_metadata
 from pipeline.sources import IMAGE_SUFFIXES
 
@@ -52,7 +56,6 @@ def read_npy_images(path: Path) -> np.ndarray:
 def gather_inputs(paths: list[Path], shape: tuple[int, int, int], resize_mode: str | None = None) -> Inputs:
     """Read every image (folders recursively, in sorted order), brought to the model's size (`fit_to_model`);
     unreadable ones, and ones that cannot be brought to it, are skipped."""
-    from pipeline.errors import InputError
     from pipeline.sources import load_image
 
     inputs = Inputs()
@@ -77,12 +80,14 @@ def gather_inputs(paths: list[Path], shape: tuple[int, int, int], resize_mode: s
 
 
 def pick_providers(choice: str) -> list[str]:
+    """onnxruntime's execution providers for `choice`: auto (CUDA where onnxruntime-gpu finds a GPU), cuda or cpu."""
     import onnxruntime as ort
 
+    if choice not in ("auto", "cuda", "cpu"):
+        raise InputError(f"provider must be auto, cuda or cpu, not {choice!r}")
     available = ort.get_available_providers()
     if choice == "cuda" or (choice == "auto" and "CUDAExecutionProvider" in available):
         if "CUDAExecutionProvider" not in available:
-            from pipeline.errors import InputError
             raise InputError("provider cuda requested, but this onnxruntime has no CUDAExecutionProvider "
                              "(install the gpu extra: onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -97,7 +102,6 @@ def predict(model_path: Path, inputs: Inputs, classes: list[str], top_k: int, pr
     try:
         session = ort.InferenceSession(str(model_path), providers=providers)
     except Exception as err:  # onnxruntime's errors (bad ops, opsets, weights) derive from Exception alone
-        from pipeline.errors import InputError
         raise InputError(f"{model_path}: onnxruntime cannot load it: {err}") from None
     rows = []
     k = min(top_k, len(classes))
@@ -118,3 +122,16 @@ def model_info(model_path: Path) -> dict:
     meta = read_metadata(model_path)
     return {"classes": meta["classes"], "image_shape": tuple(meta["image_shape"]),
             "resize_mode": meta.get("resize_mode")}  # absent from files exported before it was recorded
+
+
+def format_rows(rows: list[dict], suffix: str) -> str:
+    """`predict`'s rows as .json or .csv text."""
+    if suffix == ".json":
+        return json.dumps(rows, indent=2) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["input", "class", "index", "probability", "top_k"])
+    for r in rows:
+        writer.writerow([r["input"], r["class"], r["index"], f"{r['probability']:.6f}",
+                         ";".join(f"{t['class']}:{t['probability']:.6f}" for t in r["top_k"])])
+    return buffer.getvalue()

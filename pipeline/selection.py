@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.errors import InputError
+from pipeline.io import read_json, read_verified, write_csv, write_json
 from pipeline.quality import select_layers
+
+COLUMNS = ["layer", "S", "I", "E", "Q", "sqrtIE", "dims", "mean_min_intra", "mean_entropy", "M", "r", "K",
+           "n_a", "n_b"]
 
 
 def check_choice(n: int, k: int, explicit: list[int] | None) -> None:
@@ -26,11 +32,14 @@ def choose_layers(rows: list[dict], criterion: str, k: int, explicit: list[int] 
     return select_layers(rows, criterion, k), f"top-{k} by {criterion}"
 
 
+def write_scores(folder: Path, rows: list[dict], selection: dict) -> None:
+    """The `score` stage's files: every layer's scores (layers.json, and layers.csv to read) and the selection."""
+    write_json(folder / "layers.json", rows)
+    write_csv(folder / "layers.csv", rows, COLUMNS)
+    write_json(folder / "selection.json", selection)
+
+
 def load_selection(scores_dir, teacher_id: str) -> list[int]:
     """The `score` stage's selected layers, refused if changed since written or scored for another teacher."""
-    from pathlib import Path
-
-    from pipeline.io import read_json, read_verified
-
     read_verified(scores_dir, "score", {"teacher": teacher_id})
     return read_json(Path(scores_dir) / "selection.json")["layers"]

@@ -15,22 +15,23 @@ from pipeline.config import StudentParams
 from pipeline.data import Prepared
 from pipeline.distill import METHODS, Distiller, LossWeights
 from pipeline.errors import InputError
+from pipeline.io import manifest_id, read_manifest, read_verified
 from pipeline.layers import LayerChain, layer_shapes, layer_view
 from pipeline.models import STANDARD_LAYERS, ModelSpec, build_model
-from pipeline.targets import CachedTargets, OnlineTargets, device_cache, needs_teacher, no_targets, target_source
+from pipeline.targets import make_targets, needs_teacher, target_source
 from pipeline.teacher import device_splits, spec_for
 from pipeline.train import fit, pick_device, prepare_model, summarise
 
 FORMAT = "kd-student/1"
 
 
-def resolve_layers(params: StudentParams, student_arch: str, teacher_arch: str,
+def resolve_layers(params: StudentParams, teacher_arch: str,
                    selected: list[int] | None) -> tuple[list[int], list[int]]:
     """(student layers, teacher layers) for the method: standard lists, the quality selection, or params."""
     method = METHODS[params.method]
-    student = params.student_layers or STANDARD_LAYERS.get(student_arch)
+    student = params.student_layers or STANDARD_LAYERS.get(params.model.arch)
     if student is None:
-        raise InputError(f"no standard layers for student {student_arch}: set student.student_layers")
+        raise InputError(f"no standard layers for student {params.model.arch}: set student.student_layers")
     if not method.features:
         return sorted(student), []
     teacher = params.teacher_layers
@@ -53,8 +54,7 @@ def peak_lr(params: StudentParams, arch: str) -> float:
     return params.train.lr
 
 
-def layers_to_cache(methods: list[str], params: StudentParams, student_arch: str, teacher_arch: str,
-                    selected: list[int]) -> list[int]:
+def layers_to_cache(methods: list[str], params: StudentParams, teacher_arch: str, selected: list[int]) -> list[int]:
     """Every teacher layer that one of `methods` distils from (the cache stage stores exactly these).
 
     Empty when the student makes its teacher features on the device itself (`teacher_features: device`).
@@ -63,8 +63,7 @@ def layers_to_cache(methods: list[str], params: StudentParams, student_arch: str
         return []
     layers = set()
     for method in methods:
-        layers |= set(resolve_layers(params.model_copy(update={"method": method}), student_arch, teacher_arch,
-                                     selected)[1])
+        layers |= set(resolve_layers(params.model_copy(update={"method": method}), teacher_arch, selected)[1])
     return sorted(layers)
 
 
@@ -89,11 +88,6 @@ def build_distiller(student_spec: ModelSpec, method: str, student_layers: list[i
     return distiller
 
 
-def recorded_params(cfg) -> dict:
-    """What the student stage records as its params (its manifest's `params`): the seed and the student section."""
-    return {"seed": cfg.seed, **cfg.student.model_dump()}
-
-
 def loss_weights(params: StudentParams) -> LossWeights:
     return LossWeights(ce=params.ce_weight, kl=params.kl_weight, tau=params.kl_tau, feature=params.feature_weight,
                        relation=params.relation_weight)
@@ -112,7 +106,7 @@ def teacher_inputs(params: StudentParams, teacher_arch: str, teacher_id: str, da
         selected = load_selection(scores_dir, teacher_id)
     if target_source(params) != "cache":
         return selected, None
-    _, teacher_layers = resolve_layers(params, params.model.arch, teacher_arch, selected)
+    _, teacher_layers = resolve_layers(params, teacher_arch, selected)
     return selected, load_cache(cache_dir, teacher_id, data.data_id, teacher_layers)
 
 
@@ -130,7 +124,7 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
                          "not under torchrun")
     device = pick_device(params.device)
     spec = spec_for(params.model, data)
-    student_layers, teacher_layers = resolve_layers(params, spec.arch, teacher_spec.arch, selected)
+    student_layers, teacher_layers = resolve_layers(params, teacher_spec.arch, selected)
     shape = (teacher_spec.in_chans, teacher_spec.image_size, teacher_spec.image_size)
     all_shapes, teacher_view = layer_shapes(teacher, shape), layer_view(teacher)
     teacher_shapes = [all_shapes[teacher_view.index(k)] for k in teacher_layers]  # index: one line if out of range
@@ -138,21 +132,7 @@ def train_student(data: Prepared, params: StudentParams, seed: int, teacher: nn.
     distiller = build_distiller(spec, params.method, student_layers, teacher_layers, teacher_shapes,
                                 loss_weights(params), params.train.batch_size, teacher)
     distiller = prepare_model(distiller, device)
-    source = target_source(params)
-    standardize = params.align == "standardize" and source != "none"  # `ce` has no targets to align
-    if standardize and source == "online":
-        raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
-    if source == "device":
-        cache = device_cache(teacher, data, teacher_layers, device, params.train.eval_batch_size,
-                             channel_stats=standardize)
-    if source == "none":
-        targets = no_targets
-    elif source == "online":
-        targets = OnlineTargets(prepare_model(teacher, device), teacher_layers)
-    else:
-        feats, logits, manifest = cache  # features of teacher_layers, in that order
-        targets = CachedTargets(teacher_layers, feats, logits, device,
-                                manifest["channel_stats"] if standardize else None)
+    targets = make_targets(params, teacher, teacher_layers, data, cache, device)
 
     def step_loss(model, ids, x, y):  # model: the Distiller, or DistributedDataParallel around it
         t_feats, t_logits = targets(ids, x)
@@ -192,15 +172,11 @@ def load_student(path: str | Path) -> tuple[Distiller, ModelSpec, dict]:
 
 def training_data(student_dir: str | Path, data: Prepared) -> Prepared:
     """The training images the student of `student_dir` learned from: its `train_subset` of `data`."""
-    from pipeline.io import read_manifest
-
     return data.train_subset(read_manifest(student_dir, "student")["params"].get("train_subset"))
 
 
 def load_student_dir(student_dir: str | Path, data: Prepared) -> tuple[Distiller, ModelSpec, str]:
     """The `student` stage's model, refused if its files changed or it was trained on other data; with its id."""
-    from pipeline.io import manifest_id, read_verified
-
     manifest = read_verified(student_dir, "student", {"data": data.data_id})
     distiller, spec, _ = load_student(Path(student_dir) / "model.pt")
     return distiller, spec, manifest_id(manifest)

@@ -4,6 +4,7 @@ rows of teacher features made once (the cache stage's files, or one pass on the 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from pipeline.config import StudentParams
 from pipeline.data import Prepared
 from pipeline.distill import METHODS
+from pipeline.errors import InputError
 from pipeline.features import features_and_logits
 from pipeline.layers import layer_view
 from pipeline.train import autocast, prepare_model
@@ -84,6 +86,24 @@ class CachedTargets:
         # float32 before the (possibly compiled) student step: with the cache's float16 rows as graph inputs,
         # inductor computed NaN for SemCKD's loss (CPU, torch 2.14), casting inside the graph or not
         return [f.float() for f in feats], logits.float()
+
+
+def make_targets(params: StudentParams, teacher: nn.Module, layers: list[int], data: Prepared, cache: tuple | None,
+                 device: torch.device) -> Callable:
+    """The student's targets, from where `target_source` says: `cache` is `load_cache`'s (features of `layers`, in
+    that order, logits, manifest) where that is the cache stage's files."""
+    source = target_source(params)
+    standardize = params.align == "standardize" and source != "none"  # `ce` has no targets to align
+    if standardize and source == "online":
+        raise InputError("align: standardize needs the cache's channel statistics (turn augmentation off)")
+    if source == "none":
+        return no_targets
+    if source == "online":
+        return OnlineTargets(prepare_model(teacher, device), layers)
+    if source == "device":
+        cache = device_cache(teacher, data, layers, device, params.train.eval_batch_size, channel_stats=standardize)
+    feats, logits, manifest = cache
+    return CachedTargets(layers, feats, logits, device, manifest["channel_stats"] if standardize else None)
 
 
 def device_cache(teacher: nn.Module, data: Prepared, layers: list[int], device: torch.device, batch_size: int,

@@ -11,20 +11,15 @@ from pipeline.checkpoint import load_model
 from pipeline.config import ModelParams, TeacherParams
 from pipeline.data import DeviceData, Prepared
 from pipeline.errors import InputError
+from pipeline.io import hash_obj, manifest_id, read_verified
 from pipeline.models import ModelSpec, build_model
 from pipeline.train import evaluate, fit, pick_device, prepare_model, summarise
 
 
-def recorded_params(cfg) -> dict:
-    """What the teacher stage records as its params (its manifest's `params`): the seed and the teacher section."""
-    return {"seed": cfg.seed, **cfg.teacher.model_dump()}
-
-
-def training_key(params: dict, data_id: str) -> str:
-    """Names one teacher training: its recorded params and its data (the resume checkpoint's key, the bank's name)."""
-    from pipeline.io import hash_obj
-
-    return hash_obj({"params": params, "data": data_id})
+def training_key(params: dict, data_id: str, **inputs: str) -> str:
+    """Names one training: its recorded params, its data and other inputs' ids (e.g. a student's teacher); a
+    resume checkpoint's key, a banked teacher's name."""
+    return hash_obj({"params": params, "data": data_id, **inputs})
 
 
 def spec_for(model: ModelParams, data: Prepared) -> ModelSpec:
@@ -76,8 +71,6 @@ def train_teacher(data: Prepared, params: TeacherParams, seed: int, resume_path:
 
 def load_teacher(teacher_dir: str | Path, data: Prepared) -> tuple[nn.Module, ModelSpec, str]:
     """The `teacher` stage's model, refused if its files changed or it was made from other data; with its id."""
-    from pipeline.io import manifest_id, read_verified
-
     manifest = read_verified(teacher_dir, "teacher", {"data": data.data_id})
     model, spec, _ = load_model(Path(teacher_dir) / "model.pt")
     return model, spec, manifest_id(manifest)

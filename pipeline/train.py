@@ -41,11 +41,6 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def classifier_params(model: nn.Module) -> set[int]:
-    """ids of the classifier's parameters (the optimiser's head group)."""
-    return {id(p) for m in classifier_modules(model) for p in m.parameters()}
-
-
 def compiled(model: nn.Module, mode: str) -> nn.Module:
     """The training step's module under torch.compile (fixed shapes: training batches drop the last one).
 
@@ -64,7 +59,7 @@ def uses_cuda_graphs(mode: str) -> bool:
 
 
 def make_optimizer(model: nn.Module, recipe: RecipeParams) -> torch.optim.Optimizer:
-    head = classifier_params(model)
+    head = {id(p) for m in classifier_modules(model) for p in m.parameters()}  # the head's own group
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in head], "lr": recipe.lr * recipe.backbone_lr_scale},
               {"params": [p for p in params if id(p) in head], "lr": recipe.lr}]
@@ -190,14 +185,7 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
     # evaluation and checkpoints use `model` itself
     trained = compiled(distributed.wrap(model, recipe.sync_batchnorm), recipe.compile)
     scheduler = make_scheduler(optimizer, recipe, steps)
-    state = FitState()
-    if resume_path is not None and resume_path.is_file():
-        saved = load_torch(resume_path)
-        if saved.get("resume_key") == resume_key:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = FitState(saved["epoch"], saved["history"])
+    state = _resumed(resume_path, resume_key, model, optimizer, scheduler)
     last_save = time.perf_counter()
     for epoch in range(state.epoch, recipe.epochs):
         if on_epoch_start:
@@ -224,6 +212,18 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
         if on_epoch:
             on_epoch(row)
     return state
+
+
+def _resumed(path: Path | None, key: str, model: nn.Module, optimizer, scheduler) -> FitState:
+    """The state a resume checkpoint of this training (`key`) holds, loaded into the model, optimizer and
+    scheduler; a fresh one where there is none (or one of another training)."""
+    saved = load_torch(path) if path is not None and path.is_file() else {}
+    if saved.get("resume_key") != key:
+        return FitState()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return FitState(saved["epoch"], saved["history"])
 
 
 def summarise(history: list[dict]) -> dict:

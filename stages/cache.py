@@ -36,13 +36,13 @@ def cache(
     prepared = load_prepared(data)
     model, spec, teacher_id = load_teacher(teacher_dir, prepared)
     selected = load_selection(scores, teacher_id)
-    layers = layers_to_cache(cfg.methods, cfg.student, cfg.student.model.arch, spec.arch, selected)
+    layers = layers_to_cache(cfg.methods, cfg.student, spec.arch, selected)
     device = pick_device(p.device)
     model = prepare_model(model, device)
     prepared = prepared.train_subset(cfg.student.train_subset)
     with TaskProgress("cache", len(prepared.train_labels)) as progress, atomic_dir(out) as tmp:
         files, shapes, stats = write_cache(model, prepared, layers, device, p.batch_size, tmp, progress.advance)
-        write_manifest(tmp, "cache", {"seed": cfg.seed, **p.model_dump()},
+        write_manifest(tmp, "cache", cfg.recorded_for("cache"),
                        inputs={"data": prepared.data_id, "teacher": teacher_id}, files=files,
                        extra={"layers": layers, "shapes": shapes, "channel_stats": stats, "dtype": DTYPE.__name__,
                               "num_samples": len(prepared.train_labels)})

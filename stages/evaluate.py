@@ -26,7 +26,7 @@ def evaluate(
     from pipeline.data import load_prepared
     from pipeline.evaluation import (aggregate, confusion_rows, evaluate_pipeline, headline_metrics,
                                      learning_curve_rows, markdown_summary, per_class_rows)
-    from pipeline.io import atomic_path, check_outputs, write_csv, write_json
+    from pipeline.io import check_outputs, write_csv, write_json, write_text
     from pipeline.train import pick_device
 
     names = [f"{method}-s{seed}" for method in cfg.methods for seed in cfg.seeds]
@@ -42,9 +42,7 @@ def evaluate(
     summary = aggregate(runs_found)
     write_json(metrics, headline_metrics(teacher, summary))
     write_json(details, {"teacher": teacher, "methods": summary, "runs": runs_found})
-    text = markdown_summary(teacher, summary)
-    with atomic_path(report) as tmp:
-        tmp.write_text(text)
+    write_text(report, markdown_summary(teacher, summary))
     classes = prepared.meta["classes"]
     for name, predicted in predictions.items():
         write_csv(confusion[name], confusion_rows(prepared.test_labels, predicted.tolist(), classes),

@@ -34,7 +34,7 @@ def export(
     figures, made_from = export_student(runs / f"student-{run}", probe_dir, prepared, out, p.opset,
                                         p.batch_sizes, p.small_batch_images, p.atol, p.min_agreement)
     write_json(metrics, figures)
-    write_manifest(out.parent, "export", {"seed": cfg.seed, **p.model_dump()},
+    write_manifest(out.parent, "export", cfg.recorded_for("export"),
                    inputs={"data": prepared.data_id, **made_from}, files={out.name: file_digest(out)})
     typer.echo(f"exported {run} ({p.head} head) -> {out}: max |logit diff| {figures['max_abs_diff']:.2e}, "
                f"top-1 agreement {figures['top1_agreement']:.4%}")

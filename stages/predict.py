@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,16 +24,15 @@ def predict(
     """Predict classes with onnxruntime. Images of another size are padded or resized as the training images were;
     unreadable ones, and ones that cannot be, are named and skipped (exit code 3)."""
     from pipeline.errors import InputError
-    from pipeline.io import atomic_path, check_outputs
-    from pipeline.predict import gather_inputs, model_info, pick_providers
+    from pipeline.io import check_outputs, write_text
+    from pipeline.predict import format_rows, gather_inputs, model_info, pick_providers
     from pipeline.predict import predict as run_predict
 
     if out is not None:
         check_outputs(out)
         if out.suffix.lower() not in (".csv", ".json"):
             raise InputError(f"--out {out}: write .csv or .json")
-    if provider not in ("auto", "cuda", "cpu"):
-        raise InputError(f"provider must be auto, cuda or cpu, not {provider!r}")
+    providers = pick_providers(provider)
     if not model.is_file():
         raise InputError(f"model file not found: {model}")
     info = model_info(model)
@@ -49,28 +47,13 @@ def predict(
     if not found.images:  # nothing to write: an earlier --out stays as it was
         typer.echo(f"0 predicted, {len(found.skipped)} skipped", err=True)
         raise typer.Exit(SKIPPED_EXIT)
-    rows, used = run_predict(model, found, info["classes"], top_k, pick_providers(provider))
+    rows, used = run_predict(model, found, info["classes"], top_k, providers)
     typer.echo(f"{len(rows)} predicted, {len(found.skipped)} skipped, provider {used}", err=True)
-    text = _format(rows, out.suffix.lower() if out else ".csv")
+    text = format_rows(rows, out.suffix.lower() if out else ".csv")
     if out:
-        with atomic_path(out) as tmp:
-            tmp.write_text(text)
+        write_text(out, text)
     else:
         sys.stdout.write(text)
     if found.skipped:
         raise typer.Exit(SKIPPED_EXIT)
 
-
-def _format(rows: list[dict], suffix: str) -> str:
-    if suffix == ".json":
-        return json.dumps(rows, indent=2) + "\n"
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["input", "class", "index", "probability", "top_k"])
-    for r in rows:
-        writer.writerow([r["input"], r["class"], r["index"], f"{r['probability']:.6f}",
-                         ";".join(f"{t['class']}:{t['probability']:.6f}" for t in r["top_k"])])
-    return buffer.getvalue()

@@ -28,11 +28,9 @@ def prepare(
     raw = read_source(p.source, p.root, p.cache_dir, p.image_size, p.channels, p.test_fraction, cfg.seed,
                       p.resize_mode)
     data = transform(raw, p.image_size, p.resize_mode, p.channels, p.train_subset, p.test_subset, cfg.seed)
-    # where the data lie is no part of what they are: moving them must not make every later stage run again
-    what = p.model_dump(exclude={"root", "cache_dir"})
     with atomic_dir(out) as tmp:
         meta, files = save_prepared(data, tmp)
-        write_manifest(tmp, "prepare", {"seed": cfg.seed, **what}, inputs={"source": p.source}, files=files)
+        write_manifest(tmp, "prepare", cfg.recorded_for("prepare"), inputs={"source": p.source}, files=files)
     h, w, c = meta["image_shape"]
     typer.echo(f"prepared {p.source}: {meta['num_train']} train / {meta['num_test']} test images, "
                f"{h}x{w}x{c}, {meta['num_classes']} classes -> {out}")

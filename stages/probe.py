@@ -36,7 +36,7 @@ def probe(
                                     p.weight_decays, p.holdout, cfg.seed, p.max_iter)
     with atomic_dir(out) as tmp:
         save_probe(tmp / "probe.pt", fitted, summary["layer"])
-        write_manifest(tmp, "probe", {"seed": cfg.seed, **p.model_dump()},
+        write_manifest(tmp, "probe", cfg.recorded_for("probe"),
                        inputs={"data": prepared.data_id, "student": student_id})
     write_json(metrics, summary)
     typer.echo(f"probe (weight decay {fitted.weight_decay:g}): test acc {summary['probe_test_acc']:.4f}, "

@@ -9,10 +9,6 @@ import typer
 
 from stages.common import DataOpt, ParamsOpt, SetOpt, TaskProgress, TeacherOpt, guarded, load
 
-COLUMNS = ["layer", "S", "I", "E", "Q", "sqrtIE", "dims", "mean_min_intra", "mean_entropy", "M", "r", "K",
-           "n_a", "n_b"]
-
-
 @guarded
 def score(
     params: Path = ParamsOpt,
@@ -27,10 +23,10 @@ def score(
     import torch
 
     from pipeline.data import load_prepared
-    from pipeline.io import atomic_dir, check_outputs, write_csv, write_json, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, write_manifest
     from pipeline.layers import layer_view
     from pipeline.scoring import score_layers
-    from pipeline.selection import check_choice, choose_layers
+    from pipeline.selection import check_choice, choose_layers, write_scores
     from pipeline.teacher import load_teacher
     from pipeline.train import pick_device, prepare_model
 
@@ -53,9 +49,7 @@ def score(
     selection = {"layers": layers, "chosen_by": how, "criterion": p.criterion, "mode": p.mode,
                  "teacher_arch": spec.arch, "num_teacher_layers": len(rows)}
     with atomic_dir(out) as tmp:
-        write_json(tmp / "layers.json", rows)
-        write_csv(tmp / "layers.csv", rows, COLUMNS)
-        write_json(tmp / "selection.json", selection)
-        write_manifest(tmp, "score", {"seed": cfg.seed, **p.model_dump()},
+        write_scores(tmp, rows, selection)
+        write_manifest(tmp, "score", cfg.recorded_for("score"),
                        inputs={"data": prepared.data_id, "teacher": teacher_id})
     typer.echo(f"selected teacher layers {layers} ({how}) of {spec.arch} -> {out / 'selection.json'}")

@@ -28,9 +28,9 @@ def student(
     p = cfg.student
     from pipeline import distributed
     from pipeline.data import load_prepared
-    from pipeline.io import atomic_dir, check_outputs, hash_obj, write_json, write_manifest
-    from pipeline.student import recorded_params, save_student, teacher_inputs, train_student
-    from pipeline.teacher import load_teacher
+    from pipeline.io import atomic_dir, check_outputs, write_json, write_manifest
+    from pipeline.student import save_student, teacher_inputs, train_student
+    from pipeline.teacher import load_teacher, training_key
 
     check_outputs(metrics, folders=(out, live_dir), scratch=(resume_dir,), stage="student")
 
@@ -39,8 +39,8 @@ def student(
     teacher, teacher_spec, teacher_id = load_teacher(teacher_dir, prepared)
     train_data = prepared.train_subset(p.train_subset)
     selected, cache = teacher_inputs(p, teacher_spec.arch, teacher_id, train_data, scores, cache_dir)
-    section = recorded_params(cfg)
-    key = hash_obj({"params": section, "data": prepared.data_id, "teacher": teacher_id})
+    section = cfg.recorded_for("student")
+    key = training_key(section, prepared.data_id, teacher=teacher_id)
     resume = resume_dir / f"student-{key}.pt"
     with training_callbacks(f"student {p.method}", p.train.epochs, live_dir) as callbacks:
         distiller, summary, history = train_student(train_data, p, cfg.seed, teacher, teacher_spec, selected,
@@ -48,8 +48,7 @@ def student(
     if not distributed.is_main():
         return
     with atomic_dir(out) as tmp:
-        save_student(tmp / "model.pt", distiller, teacher_spec, data_id=prepared.data_id,
-                     classes=prepared.meta["classes"], mean=prepared.meta["mean"], std=prepared.meta["std"])
+        save_student(tmp / "model.pt", distiller, teacher_spec, **prepared.checkpoint_info())
         write_manifest(tmp, "student", section, inputs={"data": prepared.data_id, "teacher": teacher_id},
                        extra={"history": history})
     resume.unlink(missing_ok=True)

@@ -27,13 +27,13 @@ def teacher(
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
     from pipeline.io import atomic_dir, check_outputs, write_json, write_manifest
-    from pipeline.teacher import adopt_teacher, recorded_params, train_teacher, training_key
+    from pipeline.teacher import adopt_teacher, train_teacher, training_key
 
     check_outputs(metrics, folders=(out, live_dir), scratch=(resume_dir,), stage="teacher")
 
     distributed.init_from_env()
     prepared = load_prepared(data)
-    section = recorded_params(cfg)
+    section = cfg.recorded_for("teacher")
     if p.checkpoint:
         model, spec, summary = adopt_teacher(p.checkpoint, prepared, p)
         history = []
@@ -47,8 +47,7 @@ def teacher(
     if not p.checkpoint:
         resume.unlink(missing_ok=True)
     with atomic_dir(out) as tmp:
-        save_model(tmp / "model.pt", model, spec, data_id=prepared.data_id, classes=prepared.meta["classes"],
-                   mean=prepared.meta["mean"], std=prepared.meta["std"])
+        save_model(tmp / "model.pt", model, spec, **prepared.checkpoint_info())
         write_manifest(tmp, "teacher", section, inputs={"data": prepared.data_id}, extra={"history": history})
     write_json(metrics, summary)
     typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")

@@ -374,7 +374,7 @@ def test_device_made_teacher_features_match_the_cache(pipe):
     for a, b in zip(device_made, from_cache):
         assert a["loss_feature"] == pytest.approx(b["loss_feature"], rel=1e-3)
     params = load_params(pipe / "params.yaml", ["student.teacher_features=device"])
-    assert layers_to_cache(["ours", "base_fkd"], params.student, "resnet9", "resnet34", layers) == []
+    assert layers_to_cache(["ours", "base_fkd"], params.student, "resnet34", layers) == []
     with pytest.raises(InputError, match=r"^layer 18 out of range: the model has 18 generalized layers \(0..17\)$"):
         _train(pipe, "ours", epochs=1, teacher_features="device", teacher_layers="[0,1,18,30]")
 
@@ -567,9 +567,9 @@ def test_cache_holds_exactly_the_layers_the_methods_need():
 
     params = load_params(None).student
     selected = [9, 10, 11, 12]
-    assert layers_to_cache(["ours", "ce"], params, "resnet9", "resnet34", selected) == selected
-    assert layers_to_cache(["ce", "vkd"], params, "resnet9", "resnet34", selected) == []
-    assert layers_to_cache(["ours", "base_fkd", "sp"], params, "resnet9", "resnet34", selected) == \
+    assert layers_to_cache(["ours", "ce"], params, "resnet34", selected) == selected
+    assert layers_to_cache(["ce", "vkd"], params, "resnet34", selected) == []
+    assert layers_to_cache(["ours", "base_fkd", "sp"], params, "resnet34", selected) == \
         [3, 7, 9, 10, 11, 12, 13, 16]
 
 
