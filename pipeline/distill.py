@@ -202,7 +202,7 @@ class Distiller(nn.Module):
             loss = weighted.sum(0).mean() / len(student)
         else:
             mse = [F.mse_loss(s.float(), t) for s, t in zip(projected, targets)]
-            loss = _total(mse) / len(student)  # one2one: mean over pairs; all: 1/|S| per pair
+            loss = _total(mse) / len(mse)  # all: each student layer's mean over teacher layers, then their mean
         terms = {"feature": w.feature * loss}
         if w.relation:
             rel = torch.stack([F.mse_loss(similarity(s), similarity(t)) for s, t in zip(projected, targets)])

@@ -101,6 +101,14 @@ def test_feature_loss_matches_hand_computation():
     _, _, terms = d.losses(x, y, t_feats, None)
     assert terms["feature"].item() == pytest.approx(want.item(), rel=1e-5)
     assert terms["ce"].item() == pytest.approx(F.cross_entropy(d.student(x), y).item(), rel=1e-6)
+    # Base FKD+FC: each student layer against every teacher layer weighted 1/4 (the reference's FullyConnected
+    # map), the layers' losses then averaged as L_FKD averages them: 1/16 of the 16 pairs' sum
+    d = _tiny_distiller("base_fkd_all")
+    s_feats = d.view.collect(x, [1, 2, 3, 4])
+    pairs = [(s_feats[i], t_feats[j], d.projectors[4 * i + j]) for i in range(4) for j in range(4)]
+    want = sum(sum(by_hand(*pairs[4 * i + j]) / 4 for j in range(4)) for i in range(4)) / 4
+    _, _, terms = d.losses(x, y, t_feats, torch.zeros(4, 3))
+    assert terms["feature"].item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_kl_terms_match_hand_computation():
