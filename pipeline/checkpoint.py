@@ -16,7 +16,10 @@ MODEL_FORMAT = "kd-model/1"
 
 def save_torch(path: str | Path, obj: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # how torch's writer reports e.g. a full disk
+            raise OSError(f"writing {path} failed: {str(err).splitlines()[0]}") from None
 
 
 def load_torch(path: str | Path) -> dict:

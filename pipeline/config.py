@@ -5,6 +5,7 @@ Kept free of torch so that commands can validate params (and print `--help`) ins
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, get_args
 
@@ -19,6 +20,10 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeding range
 Device = Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")]
 
 
+def _allows_bool(annotation) -> bool:
+    return annotation is bool or any(_allows_bool(a) for a in get_args(annotation))
+
+
 class Section(BaseModel):
     # no inf/NaN: they would fail only at training time, as a "non-finite loss"
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -28,8 +33,9 @@ class Section(BaseModel):
     def no_boolean_for_a_number(cls, value, info):
         """Lax pydantic reads `epochs: true` as 1; strict mode would refuse `lr: 1e-3`, which YAML reads as a string."""
         annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and bool not in (annotation, *get_args(annotation)):
-            raise ValueError(f"{str(value).lower()} (a boolean) is not valid here")
+        boolean = next((v for v in (value if isinstance(value, list) else [value]) if isinstance(v, bool)), None)
+        if boolean is not None and not _allows_bool(annotation):  # (in a list too: `seeds: [true]` is no seed 1)
+            raise ValueError(f"{str(boolean).lower()} (a boolean) is not valid here")
         return value
 
     def recorded(self) -> dict:
@@ -246,7 +252,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be given again
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # yaml refuses it below, in its own words
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(problem=f"key {key!r} given twice",
                                                         problem_mark=key_node.start_mark)
@@ -259,6 +269,8 @@ def _read_yaml(path: Path):
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise InputError(f"params file {path} is not UTF-8 text") from None
+    except (RecursionError, ValueError) as err:  # nested thousands deep; an integer of thousands of digits
+        raise InputError(f"params file {path} cannot be read: {type(err).__name__}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -283,7 +295,7 @@ def load_params(path: str | Path | None, overrides: list[str] = ()) -> Params:
             raise InputError(f"override {item!r} is not key=value")
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError, ValueError):
             raise InputError(f"override {item!r}: the value is not valid YAML") from None
         _set_dotted(tree, key.strip(), value)
     try:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import InputError
 from pipeline.io import hash_obj, load_npy, manifest_id, read_json, read_manifest, verify_files
 
 
@@ -58,8 +59,37 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     data_dir = Path(data_dir)
     arrays = {name: load_npy(data_dir / f"{name}.npy")
               for name in ("train_images", "train_labels", "test_images", "test_labels")}
-    return Prepared(**arrays, meta=read_json(data_dir / "meta.json"), data_id=manifest_id(manifest),
+    meta = read_json(data_dir / "meta.json")
+    try:
+        problem = _inconsistency(arrays, meta)
+    except (TypeError, ValueError) as err:  # e.g. a number where a list belongs
+        problem = f"meta.json is malformed ({type(err).__name__}: {err})"
+    if problem:
+        raise InputError(f"{data_dir} is not a prepared dataset: {problem}")
+    return Prepared(**arrays, meta=meta, data_id=manifest_id(manifest),
                     seed=manifest["params"].get("seed", 0), resize_mode=manifest["params"].get("resize_mode"))
+
+
+def _inconsistency(arrays: dict[str, np.ndarray], meta) -> str | None:
+    """What makes arrays and meta.json other than what `prepare` writes (made by hand, or by another tool), if
+    anything: they would fail deep inside training, or worse, not fail."""
+    if not isinstance(meta, dict) or not {"classes", "num_classes", "image_shape", "mean", "std"} <= meta.keys():
+        return "meta.json lacks classes, num_classes, image_shape, mean or std"
+    shape, classes = tuple(meta["image_shape"]), meta["num_classes"]
+    if len(shape) != 3 or len(meta["classes"]) != classes or not len(meta["mean"]) == len(meta["std"]) == shape[2]:
+        return f"meta.json's image_shape, classes, mean and std disagree ({shape}, {len(meta['classes'])} names, " \
+               f"{classes} classes, {len(meta['mean'])} means, {len(meta['std'])} stds)"
+    if not all(s > 0 for s in meta["std"]):
+        return f"meta.json's std {meta['std']} is not positive"
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.dtype != np.uint8 or images.shape[1:] != shape:
+            return f"{split}_images are {images.dtype} {images.shape[1:]}, not uint8 images of {shape}"
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(images):
+            return f"{split}_labels are {labels.dtype} {labels.shape}, not one integer per image ({len(images)})"
+        if len(labels) and not 0 <= labels.min() <= labels.max() < classes:
+            return f"{split}_labels run from {labels.min()} to {labels.max()}, outside the {classes} classes"
+    return None
 
 
 class DeviceData:

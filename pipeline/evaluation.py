@@ -100,18 +100,20 @@ def evaluate_pipeline(data, teacher_dir, runs_dir, run_names: list[str],
     from pipeline.train import predict_logits, prepare_model
 
     _, test = device_splits(data, device)
-    teacher, _, _ = load_teacher(teacher_dir, data)
+    teacher, _, teacher_id = load_teacher(teacher_dir, data)
     logits = predict_logits(prepare_model(teacher, device), test, BATCH)
     predictions = {"teacher": logits.argmax(1).cpu()}
     runs = []
     for name in run_names:
-        run, predictions[name] = _evaluate_run(data, test, Path(runs_dir), name, device)
+        run, predictions[name] = _evaluate_run(data, test, Path(runs_dir), name, teacher_id, device)
         runs.append(run)
     return classification_report(logits, test.labels, data.num_classes), runs, predictions
 
 
-def _evaluate_run(data, test, runs_dir: Path, name: str, device: torch.device) -> tuple[dict, torch.Tensor]:
-    """The report of run `name` (its head's, its learning curve, its probe's top-1) and its head's predictions."""
+def _evaluate_run(data, test, runs_dir: Path, name: str, teacher_id: str,
+                  device: torch.device) -> tuple[dict, torch.Tensor]:
+    """The report of run `name` (its head's, its learning curve, its probe's top-1) and its head's predictions;
+    refused if its student learned from another teacher than the one reported beside it."""
     from pipeline.io import read_manifest
     from pipeline.probe import load_probe, pooled_features
     from pipeline.student import load_student_dir
@@ -122,6 +124,8 @@ def _evaluate_run(data, test, runs_dir: Path, name: str, device: torch.device) -
     method, seed = manifest["params"]["method"], manifest["params"]["seed"]
     if name != f"{method}-s{seed}":  # a copied or renamed run would be reported as another
         raise InputError(f"{run_dir} holds the student of method {method}, seed {seed}")
+    if manifest["inputs"].get("teacher") != teacher_id:
+        raise InputError(f"{run_dir} was trained with another teacher than the one evaluated beside it")
     distiller, _, _ = load_student_dir(run_dir, data)
     feats, logits = pooled_features(prepare_model(distiller, device), test, BATCH)
     curve = [r["test_acc"] for r in manifest["history"]]

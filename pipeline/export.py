@@ -139,11 +139,23 @@ def gate_images(images: np.ndarray, batch_sizes: list[int], small_batch_images: 
     return {bs: images if bs == largest else images[:small_batch_images] for bs in batch_sizes}
 
 
+def check_export_folder(out_path: Path, metrics: Path) -> None:
+    """The ONNX file's folder is the export stage's own (its manifest goes there): refuse one holding other files,
+    e.g. `--out metrics/model.onnx`, whose manifest would claim the folder for the export stage."""
+    folder = out_path.parent
+    own = {p.resolve() for p in (out_path, metrics, folder / "manifest.json")}
+    others = sorted(p.name for p in folder.iterdir() if p.resolve() not in own
+                    and not p.name.startswith(".")) if folder.is_dir() else []
+    if others:
+        raise InputError(f"output folder {folder} holds other files ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}): export into a folder of its own")
+
+
 def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, opset: int, batch_sizes: list[int],
-                   small_batch_images: int, atol: float, min_agreement: float) -> tuple[dict, dict[str, str]]:
-    """Export, check and only then move the ONNX file into place; returns the parity figures and the ids of the
-    student (and probe) exported."""
-    from pipeline.io import atomic_path, manifest_id, read_manifest
+                   small_batch_images: int, atol: float, min_agreement: float) -> tuple[dict, dict[str, str], str]:
+    """Export, check and only then move the ONNX file into place; returns the parity figures, the ids of the
+    student (and probe) exported and the file's digest."""
+    from pipeline.io import atomic_path, file_digest, manifest_id, read_manifest
     from pipeline.probe import load_probe
     from pipeline.student import load_student_dir
 
@@ -164,7 +176,8 @@ def export_student(run_dir: Path, probe_dir: Path | None, data, out_path: Path, 
         export_onnx(model, tmp, tuple(data.meta["image_shape"]), opset, metadata)
         for bs, images in gate_images(data.test_images, batch_sizes, small_batch_images).items():
             figures[bs] = parity_gate(tmp, reference, images, bs, atol, min_agreement)
+        digest = file_digest(tmp)  # (a stage's output is put in place when the stage ends)
     return {"max_abs_diff": max(f["max_abs_diff"] for f in figures.values()),
             "top1_agreement": min(f["top1_agreement"] for f in figures.values()),
             "by_batch_size": {str(bs): f for bs, f in figures.items()},
-            **{k: v for k, v in metadata.items() if k in ("method", "arch", "head", "run")}}, made_from
+            **{k: v for k, v in metadata.items() if k in ("method", "arch", "head", "run")}}, made_from, digest

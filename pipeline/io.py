@@ -15,7 +15,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -34,7 +34,8 @@ def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = (), scra
     """Refuse, before any work, outputs that cannot be written: a file path that is a folder, a folder path that is
     a file, a path below a file or in a folder this process cannot write (else one output of a stage could replace
     its old self before another failed), or, for `stage`, a folder holding another stage's outputs. `folders` are
-    replaced whole, so they must not hold what this pipeline did not write; `scratch` folders are written into."""
+    replaced whole, so they must not hold what this pipeline did not write; `scratch` folders are written into.
+    With `stage`, in `one_commit`, the files and folders are that stage's outputs, put in place together."""
     everything = [Path(p).resolve() for p in (*files, *folders, *scratch)]
     twice = next((p for p in everything if everything.count(p) > 1), None)
     if twice is not None:
@@ -56,6 +57,8 @@ def check_outputs(*files: str | Path, folders: tuple[str | Path, ...] = (), scra
             writable.add(folder)
         if stage is not None:
             _check_not_another_stages(path if is_folder else path.parent, stage)
+    if stage is not None and _commit is not None:
+        _commit.outputs.update(Path(p).resolve() for p in (*files, *folders))
 
 
 def _check_writable(output: Path, folder: Path) -> None:
@@ -87,7 +90,8 @@ def _check_not_another_stages(folder: Path, stage: str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds (a stage's output: when
+    the stage succeeds, `one_commit`)."""
     path = Path(path)
     check_outputs(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,14 +101,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    _put_in_place(path, lambda: os.replace(tmp, path), lambda: tmp.unlink(missing_ok=True))
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; put it in place of `path` only if the block succeeds."""
+    """Yield an empty temporary folder beside `path`; put it in place of `path` only if the block succeeds (a
+    stage's output: when the stage succeeds, `one_commit`)."""
     path = Path(path)
     check_outputs(folders=(path,))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,20 +118,64 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
     try:
         yield tmp
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        try:
-            if path.exists():
-                os.replace(path, old / path.name)
-            os.replace(tmp, path)
-        except BaseException:  # e.g. SIGTERM between the two renames: the earlier outputs go back in place
-            if not path.exists() and (old / path.name).exists():
-                os.replace(old / path.name, path)
-            raise
-        finally:
-            if path.exists():  # never the only copy
-                shutil.rmtree(old, ignore_errors=True)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _put_in_place(path, lambda: _swap_in(tmp, path), lambda: shutil.rmtree(tmp, ignore_errors=True))
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    try:
+        if path.exists():
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. SIGTERM between the two renames: the earlier outputs go back in place
+        if not path.exists() and (old / path.name).exists():
+            os.replace(old / path.name, path)
+        raise
+    finally:
+        if path.exists():  # never the only copy
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class _Commit:
+    """A stage's outputs (named by its `check_outputs` call) and the moves that put them in place."""
+
+    def __init__(self):
+        self.outputs: set[Path] = set()
+        self.moves: list[tuple[Callable[[], None], Callable[[], None]]] = []  # (put in place, discard)
+
+
+_commit: _Commit | None = None
+
+
+@contextlib.contextmanager
+def one_commit() -> Iterator[None]:
+    """Put the outputs a stage names in its `check_outputs(..., stage=...)` call in place together, when the block
+    succeeds, and none of them when it fails: a stage that cannot write its model leaves its curves and metrics as
+    they were too, not the new ones beside the old model. (A kill during the renames at the end can still part
+    them.) Other writes, e.g. resume checkpoints, happen at once."""
+    global _commit
+    outer, _commit = _commit, _Commit()
+    try:
+        yield
+        for put, _ in _commit.moves:
+            put()
+    finally:
+        for _, discard in _commit.moves:
+            discard()
+        _commit = outer
+
+
+def _put_in_place(path: Path, put: Callable[[], None], discard: Callable[[], None]) -> None:
+    if _commit is not None and path.resolve() in _commit.outputs:
+        _commit.moves.append((put, discard))
+        return
+    try:
+        put()
+    finally:
+        discard()
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -257,7 +307,8 @@ def read_manifest(out_dir: str | Path, stage: str) -> dict:
     if not path.is_file():
         raise InputError(f"{out_dir} has no {MANIFEST}: run the `{stage}` stage first")
     manifest = read_json(path)
-    if not isinstance(manifest, dict) or not MANIFEST_KEYS <= manifest.keys():
+    if not isinstance(manifest, dict) or not MANIFEST_KEYS <= manifest.keys() or not all(
+            isinstance(manifest[k], dict) for k in ("params", "inputs", "files")):
         raise InputError(f"{path} is not a manifest of this pipeline (corrupt or hand-made)")
     if manifest.get("stage") != stage:
         raise InputError(f"{path} was written by stage {manifest.get('stage')!r}, expected {stage!r}")

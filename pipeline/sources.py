@@ -107,12 +107,26 @@ CIFAR_LAYOUT = {
 }
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's pickles hold dicts, lists and numpy arrays: anything else a pickle names (os.system...) is refused,
+    not called."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # (bytes in Python 3's protocol 2)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR pickle")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"missing CIFAR file: {path}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _ArraysOnly(f, encoding="bytes").load()
     except Exception as err:  # a corrupt pickle raises almost anything (OverflowError, MemoryError, ImportError...)
         raise InputError(f"corrupt CIFAR pickle {path}: {type(err).__name__}: {err}") from None
 

@@ -155,16 +155,19 @@ def save_student(path: str | Path, distiller: Distiller, teacher_spec: ModelSpec
 def load_student(path: str | Path) -> tuple[Distiller, ModelSpec, dict]:
     """Rebuild a saved student (eval mode, CPU) with its projectors and teacher tail."""
     ckpt = load_checkpoint(path, FORMAT, "student")
-    spec = ModelSpec(**ckpt["spec"])
-    teacher = None
-    if METHODS[ckpt["method"]].features == "simkd":
-        teacher = build_model(ModelSpec(**{**ckpt["teacher_spec"], "pretrained": False}))
-    distiller = build_distiller(spec, ckpt["method"], ckpt["student_layers"], ckpt["teacher_layers"],
-                                [tuple(s) for s in ckpt["teacher_shapes"]], LossWeights(**ckpt["weights"]),
-                                ckpt["batch_size"], teacher)
+    try:
+        spec = ModelSpec(**ckpt["spec"])
+        teacher = None
+        if METHODS[ckpt["method"]].features == "simkd":
+            teacher = build_model(ModelSpec(**{**ckpt["teacher_spec"], "pretrained": False}))
+        distiller = build_distiller(spec, ckpt["method"], ckpt["student_layers"], ckpt["teacher_layers"],
+                                    [tuple(s) for s in ckpt["teacher_shapes"]], LossWeights(**ckpt["weights"]),
+                                    ckpt["batch_size"], teacher)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: malformed student description ({type(err).__name__}: {err})") from None
     try:
         distiller.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
+    except (KeyError, TypeError, RuntimeError) as err:
         raise InputError(f"{path}: weights do not fit: {str(err).splitlines()[0]}") from None
     info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "format")}
     return distiller.eval(), spec, info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -49,7 +50,10 @@ def adopt_teacher(path: str | Path, data: Prepared, params: TeacherParams) -> tu
     device = pick_device(params.device)
     model = prepare_model(model, device)
     _, test = device_splits(data, device)
-    return model, spec, evaluate(model, test, params.train.eval_batch_size)
+    measured = evaluate(model, test, params.train.eval_batch_size)
+    if not math.isfinite(measured["test_loss"]):
+        raise InputError(f"{path}: the teacher's logits are not finite on the test split (NaN or inf weights?)")
+    return model, spec, measured
 
 
 def train_teacher(data: Prepared, params: TeacherParams, seed: int, resume_path: Path | None,

@@ -217,13 +217,21 @@ def fit(model: nn.Module, train: DeviceData, test: DeviceData, recipe: RecipePar
 def _resumed(path: Path | None, key: str, model: nn.Module, optimizer, scheduler) -> FitState:
     """The state a resume checkpoint of this training (`key`) holds, loaded into the model, optimizer and
     scheduler; a fresh one where there is none (or one of another training)."""
-    saved = load_torch(path) if path is not None and path.is_file() else {}
+    fix = f"delete the resume checkpoint {path} to train from the start"
+    try:
+        saved = load_torch(path) if path is not None and path.is_file() else {}
+    except InputError as err:
+        raise InputError(f"{err}: {fix}") from None
     if saved.get("resume_key") != key:
         return FitState()
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return FitState(saved["epoch"], saved["history"])
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        return FitState(saved["epoch"], saved["history"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"{path} does not fit this training ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}): {fix}") from None
 
 
 def summarise(history: list[dict]) -> dict:

@@ -26,19 +26,25 @@ from stages.teacher import teacher
 clicks = sys.modules[typer.BadParameter.__module__]
 
 
-def _terminated(signum, frame):
-    raise SystemExit(128 + signum)
+class Stopped(SystemExit):
+    """SIGTERM or Ctrl-C, raised where the command is: it unwinds as an error does (temporary outputs removed, the
+    earlier ones kept), past every `except Exception`, to one line and exit code 128 + the signal."""
+
+
+def _stop(signum, frame):
+    raise Stopped(128 + signum)
 
 
 class OneLineErrors(TyperGroup):
     """A mistyped option or a missing argument ends in one line and exit code 2, as every other bad input; SIGTERM
-    (torchrun ending a failed job, a process manager stopping one) unwinds like Ctrl-C, removing temporary outputs."""
+    (torchrun ending a failed job, a process manager stopping one) and Ctrl-C in one line too (`Stopped`)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+        stops = (signal.SIGTERM, signal.SIGINT)
+        previous = [signal.signal(s, _stop) for s in stops] if main_thread else []
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except clicks.NoArgsIsHelpError as err:
@@ -48,12 +54,13 @@ class OneLineErrors(TyperGroup):
             hint = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
             print(error_line(err.format_message() + hint), file=sys.stderr)
             code = err.exit_code
-        except typer.Abort:
-            print("error: aborted", file=sys.stderr)
-            code = 1
+        except Stopped as stop:
+            print(error_line(f"stopped by {signal.Signals(stop.code - 128).name}: the earlier outputs are kept"),
+                  file=sys.stderr)
+            code = stop.code
         finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            for s, handler in zip(stops, previous):
+                signal.signal(s, handler)
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -31,9 +31,11 @@ def guarded(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from pipeline.errors import InputError, RunError
+        from pipeline.io import one_commit
 
         try:
-            return fn(*args, **kwargs)
+            with one_commit():  # the stage's outputs in place together, or none of them
+                return fn(*args, **kwargs)
         except InputError as err:
             fail(str(err), 2)
         except (RunError, OSError) as err:  # OSError, e.g. a full disk: what was written is refused by checksum

@@ -23,18 +23,19 @@ def export(
     cfg = load(params, overrides)
     p = cfg.export
     from pipeline.data import load_prepared
-    from pipeline.export import export_student
-    from pipeline.io import check_outputs, file_digest, write_json, write_manifest
+    from pipeline.export import check_export_folder, export_student
+    from pipeline.io import check_outputs, write_json, write_manifest
 
     check_outputs(out, metrics, out.parent / "manifest.json", stage="export")
+    check_export_folder(out, metrics)
 
     prepared = load_prepared(data)
     run = p.run or f"{cfg.methods[0]}-s{cfg.seeds[0]}"
     probe_dir = runs / f"probe-{run}" if p.head == "probe" else None
-    figures, made_from = export_student(runs / f"student-{run}", probe_dir, prepared, out, p.opset,
+    figures, made_from, digest = export_student(runs / f"student-{run}", probe_dir, prepared, out, p.opset,
                                         p.batch_sizes, p.small_batch_images, p.atol, p.min_agreement)
     write_json(metrics, figures)
     write_manifest(out.parent, "export", cfg.recorded_for("export"),
-                   inputs={"data": prepared.data_id, **made_from}, files={out.name: file_digest(out)})
+                   inputs={"data": prepared.data_id, **made_from}, files={out.name: digest})
     typer.echo(f"exported {run} ({p.head} head) -> {out}: max |logit diff| {figures['max_abs_diff']:.2e}, "
                f"top-1 agreement {figures['top1_agreement']:.4%}")

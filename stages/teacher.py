@@ -44,10 +44,10 @@ def teacher(
             model, spec, summary, history = train_teacher(prepared, p, cfg.seed, resume, key, **callbacks)
     if not distributed.is_main():  # rank 0 alone writes (an adopted teacher too) and drops the resume checkpoint
         return
-    if not p.checkpoint:
-        resume.unlink(missing_ok=True)
     with atomic_dir(out) as tmp:
         save_model(tmp / "model.pt", model, spec, **prepared.checkpoint_info())
         write_manifest(tmp, "teacher", section, inputs={"data": prepared.data_id}, extra={"history": history})
     write_json(metrics, summary)
+    if not p.checkpoint:  # the training is written (its outputs go in place as this returns)
+        resume.unlink(missing_ok=True)
     typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")

@@ -253,12 +253,12 @@ def test_export_with_the_probe_head_folds_its_standardisation_into_the_graph(rep
     assert torch.allclose(got.double(), want, atol=1e-4)
 
     args = ["export", "-p", str(repo / "params.yaml"), "--data", str(repo / "data/prepared"), "--runs",
-            str(repo / "runs"), "--out", str(tmp_path / "m.onnx"), "--metrics", str(tmp_path / "e.json"),
+            str(repo / "runs"), "--out", str(tmp_path / "export/m.onnx"), "--metrics", str(tmp_path / "e.json"),
             "-S", "export.head=probe"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e.json").read_text())["head"] == "probe"
-    made_from = read_manifest(tmp_path, "export")["inputs"]  # which student and probe the file holds
+    made_from = read_manifest(tmp_path / "export", "export")["inputs"]  # which student and probe the file holds
     assert made_from["student"] == manifest_id(read_manifest(repo / "runs/student-ours-s0", "student"))
     assert made_from["probe"] == manifest_id(read_manifest(repo / "runs/probe-ours-s0", "probe"))
     other = tmp_path / "runs"  # the probe of another student is refused
@@ -285,6 +285,14 @@ def test_evaluate_and_export_refuse_unwritable_outputs_before_any_work(repo, tmp
                                       "--metrics", str(tmp_path / "e.json")])
     assert result.exit_code == 2 and "manifest.json is a folder" in result.output
     assert (tmp_path / "e.json").read_text() == "earlier" and not (tmp_path / "x/m.onnx").exists()
+    (tmp_path / "x/manifest.json").rmdir()
+    (tmp_path / "x/teacher.json").write_text("another stage's")  # e.g. `--out metrics/model.onnx`
+    result = CliRunner().invoke(app, ["export", "-p", str(repo / "params.yaml"), "--data", str(repo / "data/prepared"),
+                                      "--runs", str(repo / "runs"), "--out", str(tmp_path / "x/m.onnx"),
+                                      "--metrics", str(tmp_path / "x/e.json")])  # its own metrics may lie there
+    assert result.exit_code == 2 and result.output == (
+        f"error: output folder {tmp_path / 'x'} holds other files (teacher.json): export into a folder of its own\n")
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["teacher.json"]
 
 
 def test_parity_gate_fails_on_nan_logits(repo):
@@ -308,6 +316,22 @@ def test_evaluate_refuses_a_run_under_another_runs_name(repo, tmp_path):
                                       "--report", str(tmp_path / "s.md"), "--plots", str(tmp_path / "p")])
     assert result.exit_code == 2
     assert "student-ce-s0 holds the student of method ours, seed 0" in result.output
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_refuses_students_of_another_teacher(repo, tmp_path):
+    other = tmp_path / "teacher"  # the same weights adopted by another teacher stage: another teacher id
+    result = CliRunner().invoke(app, ["teacher", "-p", str(repo / "params.yaml"), "--data", str(repo / "data/prepared"),
+                                      "-S", f"teacher.checkpoint={repo / 'models/teacher/model.pt'}", "--out",
+                                      str(other), "--metrics", str(tmp_path / "t.json"), "--live-dir",
+                                      str(tmp_path / "live"), "--resume-dir", str(tmp_path / "resume")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["evaluate", "-p", str(repo / "params.yaml"), "--data",
+                                      str(repo / "data/prepared"), "--teacher", str(other),
+                                      "--runs", str(repo / "runs"), "--metrics", str(tmp_path / "e.json"),
+                                      "--report", str(tmp_path / "s.md"), "--plots", str(tmp_path / "p")])
+    assert result.exit_code == 2 and result.output == (
+        f"error: {repo / 'runs/student-ours-s0'} was trained with another teacher than the one evaluated beside it\n")
     assert not (tmp_path / "e.json").exists()
 
 

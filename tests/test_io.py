@@ -102,6 +102,21 @@ def test_malformed_model_checkpoints_are_refused_in_one_line(tmp_path, checkpoin
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("checkpoint, message", [
+    ({"format": "kd-student/1", "spec": SPEC}, r"malformed student description \(KeyError: 'method'\)"),
+    ({"format": "kd-student/1", "spec": SPEC, "method": "oracle"}, r"malformed student description \(KeyError"),
+    ({"format": "kd-student/1", "spec": {**SPEC, "bogus": 1}}, r"malformed student description \(TypeError"),
+])
+def test_malformed_student_checkpoints_are_refused_in_one_line(tmp_path, checkpoint, message):
+    from pipeline.checkpoint import save_torch
+    from pipeline.student import load_student
+
+    save_torch(tmp_path / "model.pt", checkpoint)
+    with pytest.raises(InputError, match=f"model.pt: {message}") as err:
+        load_student(tmp_path / "model.pt")
+    assert "\n" not in str(err.value)
+
+
 def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path):
     import torch
 

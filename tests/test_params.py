@@ -185,6 +185,9 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     ("teacher:\n  train:\n    epochs: true\n", "params: teacher.train.epochs: true (a boolean) is not valid here"),
     ("prepare:\n  channels: true\n", "params: prepare.channels: true (a boolean) is not valid here"),
     ("student:\n  model:\n    width: yes\n", "params: student.model.width: true (a boolean) is not valid here"),
+    ("seeds: [true]\n", "params: seeds: true (a boolean) is not valid here"),  # not seed 1
+    ("student:\n  teacher_layers: [3, false]\n", "params: student.teacher_layers: false (a boolean) is not valid"),
+    ("probe:\n  weight_decays: [0.1, yes]\n", "params: probe.weight_decays: true (a boolean) is not valid here"),
     ("student:\n  train:\n    lr: .inf\n", "params: student.train.lr: Input should be a finite number"),
     ("export:\n  atol: .nan\n", "params: export.atol: Input should be a finite number"),
     ("student:\n  kl_tau: 1e999\n", "params: student.kl_tau: Input should be a finite number"),
@@ -210,6 +213,14 @@ def test_bad_yaml_missing_file_not_a_mapping(tmp_path):
         load_params(write(tmp_path, "teacher:\n\tdevice: cpu\n", "tab.yaml"))
     with pytest.raises(InputError, match=r"twice\.yaml is not valid YAML at line 4, column 5: key 'epochs' given twice"):
         load_params(write(tmp_path, "teacher:\n  train:\n    epochs: 5\n    epochs: 50\n", "twice.yaml"))
+    with pytest.raises(InputError, match=r"key\.yaml is not valid YAML at line 2, column 5: found unhashable key"):
+        load_params(write(tmp_path, "teacher:\n  ? [a, b]\n  : 1\n", "key.yaml"))
+    with pytest.raises(InputError, match=r"deep\.yaml cannot be read: RecursionError$"):
+        load_params(write(tmp_path, "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 2000)), "deep.yaml"))
+    with pytest.raises(InputError, match=r"long\.yaml cannot be read: ValueError$"):  # past int's 4300 digits
+        load_params(write(tmp_path, "seed: 1" + "0" * 5000 + "\n", "long.yaml"))
+    merged = load_params(write(tmp_path, "teacher:\n  train:\n    <<: {epochs: 2, lr: 0.5}\n    lr: 0.02\n", "m.yaml"))
+    assert (merged.teacher.train.epochs, merged.teacher.train.lr) == (2, 0.02)  # YAML merge keys, given keys first
     (tmp_path / "latin1.yaml").write_bytes("seed: 0 # café\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"latin1\.yaml is not UTF-8 text"):
         load_params(tmp_path / "latin1.yaml")

@@ -316,6 +316,22 @@ def test_cifar_corrupt_pickle_is_named(tmp_path):
         read_cifar(tmp_path, "cifar10")
 
 
+def test_a_cifar_pickle_calling_code_is_refused_without_calling_it(tmp_path):
+    import os
+
+    folder, *_ = write_cifar10(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return os.makedirs, (str(tmp_path / "made-by-the-pickle"),)
+
+    dump(folder / "data_batch_2", {b"data": Payload(), b"labels": [0]})
+    with pytest.raises(InputError, match=r"corrupt CIFAR pickle .*data_batch_2: UnpicklingError: os\.makedirs is "
+                                         r"not allowed in a CIFAR pickle"):
+        read_cifar(tmp_path, "cifar10")
+    assert not (tmp_path / "made-by-the-pickle").exists()
+
+
 def test_cifar_pickle_corrupt_in_its_frame_length_is_named(tmp_path):
     folder, *_ = write_cifar10(tmp_path)
     path = folder / "data_batch_1"

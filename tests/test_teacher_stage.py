@@ -94,6 +94,14 @@ def test_bad_checkpoints_exit_2_and_keep_outputs(workdir):
     torch.save({"format": "kd-model/1", "spec": spec, "state_dict": {}}, workdir / "typo.pt")
     result = run_teacher("-S", "teacher.checkpoint=typo.pt")
     assert result.exit_code == 2 and "typo.pt: malformed model description" in result.output
+
+    nan = build_model(ModelSpec("resnet9", num_classes=3, in_chans=1, image_size=8, width=0.0625))
+    with torch.no_grad():
+        nan[-1].weight.fill_(float("nan"))  # the classifier
+    save_model(workdir / "nan.pt", nan, ModelSpec("resnet9", 3, 1, 8, 0.0625))
+    result = run_teacher("-S", "teacher.checkpoint=nan.pt")
+    assert result.exit_code == 2 and result.output == (
+        "error: nan.pt: the teacher's logits are not finite on the test split (NaN or inf weights?)\n")
     assert (workdir / "teacher/model.pt").read_bytes() == before
 
 
@@ -119,6 +127,36 @@ def test_modified_data_is_refused(workdir):
     assert not (workdir / "teacher").exists()
 
 
+def _edit_prepared(folder: Path, name: str, edit) -> None:
+    """Change one of a prepared dataset's files and write its manifest again: consistent checksums, bad data."""
+    import numpy as np
+
+    from pipeline.io import write_manifest
+
+    path = folder / name
+    if name.endswith(".npy"):
+        np.save(path, edit(np.load(path)))
+    else:
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    write_manifest(folder, "prepare", {"seed": 0}, inputs={})
+
+
+@pytest.mark.parametrize("name, edit, problem", [
+    ("train_labels.npy", lambda y: y + 2, "train_labels run from 2 to 4, outside the 3 classes"),
+    ("test_labels.npy", lambda y: y[:-1], "test_labels are int64 (47,), not one integer per image (48)"),
+    ("train_images.npy", lambda x: x.astype("float32"), "train_images are float32 (8, 8, 1), not uint8 images of"),
+    ("test_images.npy", lambda x: x[:, :4], "test_images are uint8 (4, 8, 1), not uint8 images of (8, 8, 1)"),
+    ("meta.json", lambda m: {**m, "std": [0.0]}, "meta.json's std [0.0] is not positive"),
+    ("meta.json", lambda m: {**m, "classes": m["classes"][:2]}, "meta.json's image_shape, classes, mean and std"),
+    ("meta.json", lambda m: {**m, "image_shape": 8}, "meta.json is malformed (TypeError"),
+])
+def test_a_prepared_dataset_that_is_not_what_prepare_writes_is_refused(workdir, name, edit, problem):
+    _edit_prepared(workdir / "data", name, edit)
+    result = run_teacher()
+    assert result.exit_code == 2 and result.output.startswith("error: data is not a prepared dataset: " + problem)
+    assert len(result.output.splitlines()) == 1 and not (workdir / "teacher").exists()
+
+
 def test_nan_loss_exits_nonzero_with_one_line(workdir):
     result = run_teacher("-S", "teacher.train.lr=1e30")
     assert result.exit_code == 1
@@ -133,6 +171,24 @@ def test_a_failed_run_keeps_the_last_good_runs_curves(workdir):
     assert run_teacher("-S", "teacher.train.lr=1e30").exit_code == 1
     after = {p.relative_to(workdir): p.read_bytes() for p in (workdir / "live").rglob("*") if p.is_file()}
     assert after == before and sorted(p.name for p in workdir.iterdir() if p.name.startswith(".live")) == []
+
+
+def test_a_run_failing_to_write_its_model_keeps_all_the_earlier_outputs(workdir, monkeypatch):
+    assert run_teacher().exit_code == 0
+    earlier = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "data" not in p.parts}
+    real = torch.save
+
+    def disk_full_for_models(obj, path, *args, **kwargs):  # what torch's writer raises on a full disk
+        if Path(path).name.startswith(".model.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_for_models)
+    result = run_teacher("-S", "seed=1")  # trained; its curves done before its model is written
+    assert result.exit_code == 1 and result.output.splitlines()[-1].startswith("error: writing ")
+    assert result.output.splitlines()[-1].endswith("model.pt failed: [enforce fail at inline_container.cc:664] . "
+                                                   "unexpected pos 64 vs 0")
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "data" not in p.parts} == earlier
 
 
 def test_outputs_onto_another_stages_folder_or_an_unwritable_one_are_refused_before_training(workdir, monkeypatch):
@@ -179,6 +235,7 @@ def test_a_stage_stopped_by_sigterm_keeps_the_earlier_outputs_and_resumes_when_r
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert proc.stdout.read().splitlines()[-1] == "error: stopped by SIGTERM: the earlier outputs are kept"
     assert [p.name for p in workdir.iterdir() if p.name.startswith(".") and p.name != ".kd-resume"] == []
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "data" not in p.parts
             and ".kd-resume" not in p.parts} == earlier

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import RecipeParams
 from pipeline.data import Augment, DeviceData
-from pipeline.errors import TrainingError
+from pipeline.errors import InputError, TrainingError
 from pipeline.models import ModelSpec, build_model
 from pipeline.train import fit, make_optimizer, make_scheduler, summarise
 
@@ -98,6 +98,24 @@ def test_resume_ignores_checkpoint_of_other_run(tmp_path):
     fit(tiny_model(), train, test, RECIPE, seed=0, resume_path=ckpt, resume_key="new",
         on_epoch_start=lambda epoch, steps: started.append(epoch))
     assert started == [0, 1, 2]
+
+
+def test_an_unusable_resume_checkpoint_of_this_training_is_named_with_what_to_do(tmp_path):
+    train, test = tiny_split(), tiny_split(seed=1)
+    ckpt = tmp_path / "resume.pt"
+    ckpt.write_bytes(b"cut short")
+    with pytest.raises(InputError, match=rf"^corrupt or unreadable checkpoint {ckpt}: .*: delete the resume "
+                                         rf"checkpoint {ckpt} to train from the start$"):
+        fit(tiny_model(), train, test, RECIPE, seed=0, resume_path=ckpt, resume_key="k")
+    fit(tiny_model(), train, test, RECIPE.model_copy(update={"epochs": 1}), seed=0, resume_path=ckpt.with_name("ok.pt"),
+        resume_key="k")
+    saved = torch.load(ckpt.with_name("ok.pt"), weights_only=True)
+    saved["model"] = build_model(ModelSpec("resnet9", num_classes=5, in_chans=1, image_size=8,
+                                           width=0.0625)).state_dict()  # e.g. the model's code changed since
+    torch.save(saved, ckpt)
+    with pytest.raises(InputError, match=rf"^{ckpt} does not fit this training \(RuntimeError: Error\(s\) in "
+                                         rf"loading state_dict for Sequential:\): delete the resume checkpoint"):
+        fit(tiny_model(), train, test, RECIPE, seed=0, resume_path=ckpt, resume_key="k")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
