@@ -120,8 +120,10 @@ def predict(model_path: Path, inputs: Inputs, classes: list[str], top_k: int, pr
 
 def model_info(model_path: Path) -> dict:
     meta = read_metadata(model_path)
-    return {"classes": meta["classes"], "image_shape": tuple(meta["image_shape"]),
-            "resize_mode": meta.get("resize_mode")}  # absent from files exported before it was recorded
+    resize_mode = meta.get("resize_mode")  # absent from files exported before it was recorded
+    if resize_mode not in (None, "pad", "resize"):
+        raise InputError(f"{model_path}: damaged metadata (resize_mode {resize_mode!r}, not pad or resize)")
+    return {"classes": meta["classes"], "image_shape": tuple(meta["image_shape"]), "resize_mode": resize_mode}
 
 
 def format_rows(rows: list[dict], suffix: str) -> str:

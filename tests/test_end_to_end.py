@@ -178,7 +178,8 @@ def test_predict_refuses_files_that_are_not_our_models(repo, tmp_path):
             ("bad-json", lambda meta: meta.update(classes="[a"), "damaged metadata (JSONDecodeError"),
             ("2d", lambda meta: meta.update(image_shape="[32, 32]"), "damaged metadata (image_shape [32, 32], not"),
             ("two-classes", lambda meta: meta.update(classes='["a", "b"]'), "metadata names 2 classes"),
-            ("other-size", lambda meta: meta.update(image_shape="[28, 28, 1]"), "metadata says images of [28,")):
+            ("other-size", lambda meta: meta.update(image_shape="[28, 28, 1]"), "metadata says images of [28,"),
+            ("zoom", lambda meta: meta.update(resize_mode="zoom"), "damaged metadata (resize_mode 'zoom', not pad")):
         path = _with_metadata(repo / "models/export/model.onnx", tmp_path / f"{name}.onnx", edit)
         result = CliRunner().invoke(app, ["predict", str(repo / "plots"), "--model", str(path)])
         assert result.exit_code == 2 and result.output.startswith(f"error: {path}: ") and message in result.output

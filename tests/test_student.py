@@ -420,7 +420,7 @@ def test_simkd_student_exports_with_the_borrowed_teacher_classifier_inside(pipe,
     result = run_stage(pipe, "student", "-S", "student.method=simkd", "--out", str(run), "--metrics",
                        str(tmp_path / "m.json"), "--live-dir", str(tmp_path / "l"), "--resume-dir", str(tmp_path / "r"))
     assert result.exit_code == 0, result.output
-    onnx_file = tmp_path / "m.onnx"
+    onnx_file = tmp_path / "export/m.onnx"
     result = CliRunner().invoke(app, ["export", "-p", str(pipe / "params.yaml"), "--data", str(pipe / "data"),
                                       "--runs", str(tmp_path / "runs"), "--out", str(onnx_file), "--metrics",
                                       str(tmp_path / "e.json"), "-S", "export.run=simkd-s0",
