@@ -25,8 +25,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def guarded(fn: Callable) -> Callable:
-    """Turn the library's input and training errors, and the system's I/O errors, into one line on stderr and a
-    non-zero exit code."""
+    """Put the stage's outputs in place together when it succeeds (`one_commit`), and turn the library's input and
+    training errors, and the system's I/O errors, into one line on stderr and a non-zero exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,7 +34,7 @@ def guarded(fn: Callable) -> Callable:
         from pipeline.io import one_commit
 
         try:
-            with one_commit():  # the stage's outputs in place together, or none of them
+            with one_commit():
                 return fn(*args, **kwargs)
         except InputError as err:
             fail(str(err), 2)
@@ -152,7 +152,7 @@ class TaskProgress(_Bars):
 
 class Live:
     """dvclive logger for per-epoch curves (`dvc plots show` renders its TSV files), written beside `path` and put
-    in its place only when training succeeds: a failed run keeps the last good run's curves."""
+    in its place only when the stage succeeds: a failed run keeps the last good run's curves."""
 
     def __init__(self, path: Path):
         self.path = path
