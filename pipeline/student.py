@@ -178,8 +178,11 @@ def training_data(student_dir: str | Path, data: Prepared) -> Prepared:
     return data.train_subset(read_manifest(student_dir, "student")["params"].get("train_subset"))
 
 
-def load_student_dir(student_dir: str | Path, data: Prepared) -> tuple[Distiller, ModelSpec, str]:
-    """The `student` stage's model, refused if its files changed or it was trained on other data; with its id."""
-    manifest = read_verified(student_dir, "student", {"data": data.data_id})
+def load_student_dir(student_dir: str | Path, data: Prepared,
+                     teacher_id: str | None = None) -> tuple[Distiller, ModelSpec, str]:
+    """The `student` stage's model, refused if its files changed or it was trained on other data (or from another
+    teacher than `teacher_id`); with its id."""
+    made_from = {"data": data.data_id, **({"teacher": teacher_id} if teacher_id else {})}
+    manifest = read_verified(student_dir, "student", made_from)
     distiller, spec, _ = load_student(Path(student_dir) / "model.pt")
     return distiller, spec, manifest_id(manifest)

@@ -332,7 +332,7 @@ def test_evaluate_refuses_students_of_another_teacher(repo, tmp_path):
                                       "--runs", str(repo / "runs"), "--metrics", str(tmp_path / "e.json"),
                                       "--report", str(tmp_path / "s.md"), "--plots", str(tmp_path / "p")])
     assert result.exit_code == 2 and result.output == (
-        f"error: {repo / 'runs/student-ours-s0'} was trained with another teacher than the one evaluated beside it\n")
+        f"error: {repo / 'runs/student-ours-s0'} was made from another teacher: rerun the student stage\n")
     assert not (tmp_path / "e.json").exists()
 
 
