@@ -1,4 +1,5 @@
-"""Stage `cache`: features of the selected teacher layers for the whole training split, as float16 arrays."""
+"""Stage `cache`: the teacher's logits, and float16 features of the layers the params' methods distil from, for
+the images the students learn from (no features with `student.teacher_features: device`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def cache(
     data: Path = DataOpt,
     teacher_dir: Path = TeacherOpt,
     scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selection.json)"),
-    out: Path = typer.Option(Path("cache/teacher"), help="output folder: layer_<k>.npy and manifest.json"),
+    out: Path = typer.Option(Path("cache/teacher"), help="output folder: layer_<k>.npy, logits.npy and manifest.json"),
 ) -> None:
     """Cache the teacher layers that the params' `methods` distil from, and the logits, for every training image
     the students learn from (`student.train_subset`)."""

@@ -1,4 +1,5 @@
-"""What every command shares: params options, one-line errors with exit code 2, progress display."""
+"""What every command shares: params options, one-line errors (exit code 2 for bad input, 1 for a failed run or
+I/O), progress display."""
 
 from __future__ import annotations
 
