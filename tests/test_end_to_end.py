@@ -354,6 +354,22 @@ def test_evaluate_reads_only_the_runs_of_the_current_matrix(repo, tmp_path):
         f"ours {metrics['ours']['last_epoch_top1']:.2%} (last epoch, mean over seeds) -> {tmp_path / 's.md'}")
 
 
+def test_evaluate_reports_the_best_epoch_apart_from_the_last(repo, tmp_path):
+    run = tmp_path / "runs/student-ours-s0"
+    shutil.copytree(repo / "runs/student-ours-s0", run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["history"][0]["test_acc"] = 0.995  # an early epoch better than the last (history is in no checksummed file)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(app, ["evaluate", "-p", str(repo / "params.yaml"), "-S", "methods=[ours]", "--data",
+                                      str(repo / "data/prepared"), "--teacher", str(repo / "models/teacher"),
+                                      "--runs", str(tmp_path / "runs"), "--metrics", str(tmp_path / "e.json"),
+                                      "--report", str(tmp_path / "s.md"), "--plots", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    ours = json.loads((tmp_path / "e.json").read_text())["ours"]
+    assert ours["best_epoch_top1"] == 0.995 and ours["last_epoch_top1"] == pytest.approx(
+        manifest["history"][-1]["test_acc"], abs=1e-6)
+
+
 # README's recipe for one queue worker per GPU, on two GPUs: dvc numbers its workers and `-j k` starts only the
 # missing ones, so the k-th is started, with its GPU, once the others have registered
 PER_GPU_WORKERS = """for gpu in 0 1; do

@@ -1,6 +1,7 @@
 """File digests (sha256 over 16 MiB blocks, equal to the definition), manifests, checkpoints and atomic outputs."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,28 @@ def test_malformed_student_checkpoints_are_refused_in_one_line(tmp_path, checkpo
     with pytest.raises(InputError, match=f"model.pt: {message}") as err:
         load_student(tmp_path / "model.pt")
     assert "\n" not in str(err.value)
+
+
+class _RunsCode:
+    """Unpickled, it would call os.makedirs: what a crafted checkpoint could do with plain pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from pipeline.checkpoint import load_model
+
+    torch.save({"format": "kd-model/1", "spec": SPEC, "state_dict": _RunsCode(str(tmp_path / "ran"))},
+               tmp_path / "model.pt")
+    with pytest.raises(InputError, match=r"^corrupt or unreadable checkpoint .*model.pt: UnpicklingError$"):
+        load_model(tmp_path / "model.pt")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path):

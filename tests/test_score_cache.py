@@ -97,6 +97,19 @@ def test_score_rows_are_the_quality_of_subsets_a_and_b(trained, mode):
             assert rows[k][key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (k, key)
 
 
+def test_scoring_subsets_are_class_balanced_draws_of_two_seeds():
+    from pipeline.prepare import balanced_subset
+    from pipeline.scoring import scoring_subsets
+
+    labels = np.repeat(np.arange(4), [30, 25, 40, 12])
+    a, b = scoring_subsets(labels, a_total=20, b_per_class=16, seed=0)
+    assert np.bincount(labels[a]).tolist() == [5] * 4
+    assert np.bincount(labels[b]).tolist() == [12] * 4  # the smallest class caps every class
+    # the draws every recorded score was taken on: A from the seed, B from the next one
+    assert a.tolist() == balanced_subset(labels, 20, seed=0).tolist()
+    assert b.tolist() == balanced_subset(labels, 48, seed=1).tolist()
+
+
 def test_score_criterion_and_override(trained):
     assert score(trained, "-S", "score.criterion=S", "-S", "score.k=3", out="by_s").exit_code == 0
     rows = json.loads((trained / "by_s/layers.json").read_text())

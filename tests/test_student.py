@@ -284,6 +284,17 @@ def test_simkd_leaves_the_borrowed_teacher_tail_as_the_teacher_has_it(pipe):
     assert not any(p.requires_grad for p in distiller.tail.parameters())
 
 
+def test_simkd_keeps_the_borrowed_teacher_tail_in_eval_mode():
+    spec = ModelSpec("resnet9", num_classes=3, in_chans=1, image_size=8, width=0.0625)
+    teacher = build_model(spec)
+    shapes = layer_shapes(teacher, (1, 8, 8))
+    distiller = build_distiller(spec, "simkd", [1, 2, 3, 4], [0, 1, 2, 3], [shapes[k] for k in range(4)],
+                                LossWeights(), batch_size=4, teacher=teacher)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in distiller.tail.modules())  # a tail of whole blocks
+    distiller.train()
+    assert distiller.student.training and not any(m.training for m in distiller.tail.modules())
+
+
 def test_simkd_projects_its_deepest_layer_once_a_step(pipe):
     from pipeline.features import features_and_logits
 
@@ -529,6 +540,25 @@ def test_probe_matches_scikit_learn_logistic_regression():
     ours = (probe.logits(torch.from_numpy(x_test_np)).argmax(1).numpy() == y_test).mean()
     theirs = ref.score((x_test_np - probe.mean.numpy()) / probe.std.numpy(), y_test)
     assert abs(ours - theirs) <= 0.01
+
+
+def test_probe_standardises_by_the_rows_each_fit_learns_from(monkeypatch):
+    import pipeline.probe
+
+    fitted_on, fit_logistic = [], pipeline.probe.fit_logistic
+
+    def recording(x, *args):
+        fitted_on.append(x)
+        return fit_logistic(x, *args)
+
+    monkeypatch.setattr(pipeline.probe, "fit_logistic", recording)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = torch.from_numpy(rng.normal(size=(3, 8))[y] + rng.normal(size=(120, 8)) * 3 + 5)
+    fit_probe(x, torch.from_numpy(y), 3, [1e-2, 1e-1], 0.25, 0, 20)
+    assert [len(x) for x in fitted_on] == [90, 90, 120]  # each penalty on the rows not held out, then the refit
+    for rows in fitted_on:  # held-out rows do not leak into the standardisation of the rows fitted
+        assert rows.mean(0).abs().max() < 1e-9 and (rows.std(0, unbiased=False) - 1).abs().max() < 1e-9
 
 
 def test_probe_stage(pipe, tmp_path):

@@ -142,7 +142,8 @@ def _edit_prepared(folder: Path, name: str, edit) -> None:
 
 
 @pytest.mark.parametrize("name, edit, problem", [
-    ("train_labels.npy", lambda y: y + 2, "train_labels run from 2 to 4, outside the 3 classes"),
+    ("train_labels.npy", lambda y: y + 1, "train_labels run from 1 to 3, outside the 3 classes"),
+    ("test_labels.npy", lambda y: y - 1, "test_labels run from -1 to 1, outside the 3 classes"),
     ("test_labels.npy", lambda y: y[:-1], "test_labels are int64 (47,), not one integer per image (48)"),
     ("train_images.npy", lambda x: x.astype("float32"), "train_images are float32 (8, 8, 1), not uint8 images of"),
     ("test_images.npy", lambda x: x[:, :4], "test_images are uint8 (4, 8, 1), not uint8 images of (8, 8, 1)"),

@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import RecipeParams
 from pipeline.data import Augment, DeviceData
 from pipeline.errors import InputError, TrainingError
 from pipeline.models import ModelSpec, build_model
-from pipeline.train import fit, make_optimizer, make_scheduler, summarise
+from pipeline.train import (cross_entropy_step, evaluate, fit, make_optimizer, make_scheduler, predict_logits,
+                            summarise)
 
 CPU = torch.device("cpu")
 
@@ -39,10 +41,18 @@ def test_fit_learns_separable_data():
     assert state.history[-1]["test_acc"] >= 0.9
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path):
+def dropout_step(model, ids, x, y):
+    """Randomness drawn inside the step, as a model's dropout draws it."""
+    logits = F.dropout(model(x), 0.5, training=True)
+    loss = F.cross_entropy(logits, y)
+    return loss, logits, {"ce": loss}
+
+
+@pytest.mark.parametrize("step_loss", [cross_entropy_step, dropout_step])
+def test_resume_after_kill_equals_uninterrupted(tmp_path, step_loss):
     train, test = tiny_split(), tiny_split(seed=1)
     reference = tiny_model()
-    ref_state = fit(reference, train, test, RECIPE, seed=3)
+    ref_state = fit(reference, train, test, RECIPE, seed=3, step_loss=step_loss)
 
     class Killed(Exception):
         pass
@@ -53,15 +63,46 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 
     ckpt = tmp_path / "resume.pt"
     with pytest.raises(Killed):
-        fit(tiny_model(), train, test, RECIPE, seed=3, resume_path=ckpt, resume_key="k", on_epoch=kill_after_two)
-    resumed = tiny_model(seed=99)  # different init: everything must come from the checkpoint
+        fit(tiny_model(), train, test, RECIPE, seed=3, resume_path=ckpt, resume_key="k", on_epoch=kill_after_two,
+            step_loss=step_loss)
+    resumed = tiny_model(seed=99)  # different init and random state: everything must come from the checkpoint
     started = []
     state = fit(resumed, train, test, RECIPE, seed=3, resume_path=ckpt, resume_key="k",
-                on_epoch_start=lambda epoch, steps: started.append(epoch))
+                on_epoch_start=lambda epoch, steps: started.append(epoch), step_loss=step_loss)
     assert started == [2]
     assert [r["test_acc"] for r in state.history] == [r["test_acc"] for r in ref_state.history]
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_each_epoch_shuffles_anew_by_seed():
+    def epoch_orders(seed):
+        seen = []
+
+        def recording(model, ids, x, y):
+            seen.extend(ids.tolist())
+            return cross_entropy_step(model, ids, x, y)
+
+        fit(tiny_model(), tiny_split(), tiny_split(seed=1), RECIPE, seed=seed, step_loss=recording)
+        return [tuple(seen[e * 64:(e + 1) * 64]) for e in range(RECIPE.epochs)]
+
+    orders = epoch_orders(0)
+    assert all(sorted(order) == list(range(64)) for order in orders)  # 64 = 4 full batches of 16
+    assert len(set(orders)) == RECIPE.epochs  # each epoch its own order
+    assert orders == epoch_orders(0) and orders != epoch_orders(1)
+
+
+def test_evaluation_scores_every_sample_whatever_the_batch_size():
+    model, test = tiny_model(), tiny_split(n=10, seed=1)
+    assert len(predict_logits(model, test, batch_size=4)) == 10  # batches of 4, 4 and 2
+    assert evaluate(model, test, batch_size=4) == pytest.approx(evaluate(model, test, batch_size=10))
+
+
+def test_summary_reports_the_last_epoch_and_keeps_the_best_apart():
+    rows = [{"epoch": e, "test_acc": acc, "test_loss": 0.5, "train_loss": 0.4, "img_per_s": 100.0, "seconds": 1.0}
+            for e, acc in ((1, 0.7), (2, 0.9), (3, 0.8))]
+    summary = summarise(rows)
+    assert (summary["test_acc"], summary["best_test_acc"], summary["best_epoch"], summary["epochs"]) == (0.8, 0.9, 2, 3)
 
 
 def test_summary_times_evaluation_and_checkpoints_apart_from_training(tmp_path):
@@ -150,6 +191,14 @@ def test_augment_is_per_image_and_seeded():
     windows = {tuple(padded[i:i + 6, j:j + 6].flatten().tolist()) for i in range(5) for j in range(5)}
     windows |= {tuple(padded[i:i + 6, j:j + 6].flip(1).flatten().tolist()) for i in range(5) for j in range(5)}
     assert all(tuple(img[0].flatten().tolist()) in windows for img in evens)
+
+
+def test_augment_crops_shift_rows_and_columns_independently():
+    x = torch.arange(36, dtype=torch.float32).view(1, 1, 6, 6).repeat(256, 1, 1, 1)
+    crops = Augment(padding=2, flip=False)(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x[:1], (2, 2, 2, 2))[0, 0]
+    offset = {tuple(padded[i:i + 6, j:j + 6].flatten().tolist()): (i, j) for i in range(5) for j in range(5)}
+    assert {offset[tuple(img[0].flatten().tolist())] for img in crops} == set(offset.values())  # all 25 shifts
 
 
 def test_backbone_lr_scale_and_recipes():
