@@ -168,6 +168,15 @@ def one_commit() -> Iterator[None]:
         _commit = outer
 
 
+def remove_when_committed(path: str | Path) -> None:
+    """Delete `path` (a resume checkpoint) after the stage's outputs are in place: at once outside `one_commit`."""
+    remove = functools.partial(Path(path).unlink, missing_ok=True)
+    if _commit is None:
+        remove()
+    else:
+        _commit.moves.append((remove, lambda: None))
+
+
 def _put_in_place(path: Path, put: Callable[[], None], discard: Callable[[], None]) -> None:
     if _commit is not None and path.resolve() in _commit.outputs:
         _commit.moves.append((put, discard))

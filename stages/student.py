@@ -28,7 +28,7 @@ def student(
     p = cfg.student
     from pipeline import distributed
     from pipeline.data import load_prepared
-    from pipeline.io import atomic_dir, check_outputs, write_json, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, remove_when_committed, write_json, write_manifest
     from pipeline.student import save_student, teacher_inputs, train_student
     from pipeline.teacher import load_teacher, training_key
 
@@ -51,9 +51,9 @@ def student(
         save_student(tmp / "model.pt", distiller, teacher_spec, **prepared.checkpoint_info())
         write_manifest(tmp, "student", section, inputs={"data": prepared.data_id, "teacher": teacher_id},
                        extra={"history": history})
-    resume.unlink(missing_ok=True)
     summary = {"method": p.method, "teacher_layers": distiller.teacher_layers,
                "student_layers": distiller.student_layers, "train_images": len(train_data.train_labels), **summary}
     write_json(metrics, summary)
+    remove_when_committed(resume)
     typer.echo(f"student {p.model.arch} ({p.method}, teacher layers {distiller.teacher_layers}): "
                f"test acc {summary['test_acc']:.4f} (best {summary['best_test_acc']:.4f}) -> {out / 'model.pt'}")

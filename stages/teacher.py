@@ -26,7 +26,7 @@ def teacher(
     from pipeline import distributed
     from pipeline.checkpoint import save_model
     from pipeline.data import load_prepared
-    from pipeline.io import atomic_dir, check_outputs, write_json, write_manifest
+    from pipeline.io import atomic_dir, check_outputs, remove_when_committed, write_json, write_manifest
     from pipeline.teacher import adopt_teacher, train_teacher, training_key
 
     check_outputs(metrics, folders=(out, live_dir), scratch=(resume_dir,), stage="teacher")
@@ -48,6 +48,6 @@ def teacher(
         save_model(tmp / "model.pt", model, spec, **prepared.checkpoint_info())
         write_manifest(tmp, "teacher", section, inputs={"data": prepared.data_id}, extra={"history": history})
     write_json(metrics, summary)
-    if not p.checkpoint:  # the training is written (its outputs go in place as this returns)
-        resume.unlink(missing_ok=True)
+    if not p.checkpoint:
+        remove_when_committed(resume)
     typer.echo(f"teacher {spec.arch}: test acc {summary['test_acc']:.4f} -> {out / 'model.pt'}")

@@ -316,20 +316,23 @@ def test_cifar_corrupt_pickle_is_named(tmp_path):
         read_cifar(tmp_path, "cifar10")
 
 
-def test_a_cifar_pickle_calling_code_is_refused_without_calling_it(tmp_path):
+@pytest.mark.parametrize("call, name", [("makedirs", r"os\.makedirs"),
+                                        ("save", r"numpy\.save")])  # numpy's module, not one of its array types
+def test_a_cifar_pickle_calling_code_is_refused_without_calling_it(tmp_path, call, name):
     import os
 
     folder, *_ = write_cifar10(tmp_path)
+    made = tmp_path / "made-by-the-pickle.npy"
 
     class Payload:
         def __reduce__(self):
-            return os.makedirs, (str(tmp_path / "made-by-the-pickle"),)
+            return (os.makedirs, (str(made),)) if call == "makedirs" else (np.save, (str(made), np.zeros(1)))
 
     dump(folder / "data_batch_2", {b"data": Payload(), b"labels": [0]})
-    with pytest.raises(InputError, match=r"corrupt CIFAR pickle .*data_batch_2: UnpicklingError: os\.makedirs is "
+    with pytest.raises(InputError, match=rf"corrupt CIFAR pickle .*data_batch_2: UnpicklingError: {name} is "
                                          r"not allowed in a CIFAR pickle"):
         read_cifar(tmp_path, "cifar10")
-    assert not (tmp_path / "made-by-the-pickle").exists()
+    assert not made.exists()
 
 
 def test_cifar_pickle_corrupt_in_its_frame_length_is_named(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -444,11 +445,12 @@ def test_simkd_student_exports_with_the_borrowed_teacher_classifier_inside(pipe,
     assert accuracy == pytest.approx(json.loads((tmp_path / "m.json").read_text())["test_acc"], abs=1e-6)
 
 
-def test_student_stage_outputs_and_a_failed_run_keeping_them(pipe, tmp_path):
+def test_student_stage_outputs_and_a_failed_run_keeping_them(pipe, tmp_path, monkeypatch):
     out = ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "m.json"), "--live-dir", str(tmp_path / "l"),
-           "--resume-dir", str(tmp_path / "r")]
+           "--resume-dir", str(tmp_path / "r"), "-S", "student.train.resume_every_s=0"]  # a checkpoint every epoch
     result = run_stage(pipe, "student", *out)
     assert result.exit_code == 0, result.output
+    assert list((tmp_path / "r").iterdir()) == []  # the resume checkpoint goes once the outputs are in place
     metrics = json.loads((tmp_path / "m.json").read_text())
     selected = json.loads((pipe / "scores/selection.json").read_text())["layers"]
     assert metrics["method"] == "ours" and metrics["teacher_layers"] == selected
@@ -462,6 +464,19 @@ def test_student_stage_outputs_and_a_failed_run_keeping_them(pipe, tmp_path):
     result = run_stage(pipe, "student", *out, "-S", "student.train.lr=1e30")
     assert result.exit_code == 1 and "non-finite training loss" in result.output
     assert {p: p.read_bytes() for p in kept} == kept  # model, metrics and curves of the good run
+
+    real_save = torch.save
+
+    def disk_full_for_models(obj, path, *args, **kwargs):  # trained, curves written: the model cannot be
+        if Path(path).name.startswith(".model.pt"):
+            raise RuntimeError("unexpected pos 64 vs 0")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_for_models)
+    result = run_stage(pipe, "student", *out, "-S", "seed=1")
+    assert result.exit_code == 1 and "model.pt failed: unexpected pos 64 vs 0" in result.output
+    assert {p: p.read_bytes() for p in kept} == kept and len(list((tmp_path / "r").iterdir())) == 1  # to resume
+    monkeypatch.undo()
 
     with torch.no_grad():  # a student whose weights went NaN gets no probe (it used to get a NaN one)
         next(distiller.parameters()).fill_(float("nan"))
