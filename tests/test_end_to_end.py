@@ -296,11 +296,17 @@ def test_evaluate_and_export_refuse_unwritable_outputs_before_any_work(repo, tmp
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["teacher.json"]
 
 
-def test_parity_gate_fails_on_nan_logits(repo):
+def test_parity_gate_passes_equal_logits_and_fails_nan_ones(repo):
+    import onnxruntime as ort
+
     from pipeline.errors import ParityError
     from pipeline.export import parity_gate
 
     images = np.load(repo / "data/prepared/test_images.npy")[:8]
+    path = repo / "models/export/model.onnx"
+    logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+    passed = parity_gate(path, logits, images, 4, 1e-4, min_agreement=1.0)  # every image must agree: they do
+    assert passed["top1_agreement"] == 1.0 and passed["max_abs_diff"] < 1e-5 and passed["images"] == 8
     with pytest.raises(ParityError, match="max \\|logit diff\\| nan"):  # NaN > atol is False: it once passed
         parity_gate(repo / "models/export/model.onnx", np.full((8, 10), np.nan, np.float32), images, 4, 1e-4,
                     min_agreement=0.0)  # the logit check alone

@@ -140,6 +140,17 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     assert not (tmp_path / "ran").exists()
 
 
+def test_outputs_get_the_permissions_of_the_umask_not_of_temporary_files(tmp_path, monkeypatch):
+    import pipeline.io
+
+    monkeypatch.setattr(pipeline.io, "_UMASK", 0o022)  # as read from the process when the module loads
+    write_json(tmp_path / "m.json", {})
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644  # mkstemp's would be 0600
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700
+
+
 def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path):
     import torch
 

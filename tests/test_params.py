@@ -157,6 +157,12 @@ def test_several_errors_are_counted_in_one_line(tmp_path):
     assert message.startswith("params: ") and message.endswith("(and 2 more)") and "\n" not in message
 
 
+def test_a_typo_is_named_before_the_errors_it_explains(tmp_path):
+    with pytest.raises(InputError) as err:
+        load_params(write(tmp_path, "prepare:\n  image_size: x\n  rooot: 1\n"))
+    assert str(err.value) == "params: prepare.rooot: unknown key (and 1 more)"
+
+
 @pytest.mark.parametrize("text, message", [
     ("prepare:\n  image_size: big\n", "params: prepare.image_size: Input should be a valid integer"),
     ("prepare:\n  image_size: 4\n", "params: prepare.image_size: Input should be greater than or equal to 8"),

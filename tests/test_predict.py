@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.predict import fit_to_model, read_npy_images
+from pipeline.export import gate_images
+from pipeline.predict import fit_to_model, pick_providers, read_npy_images
 from pipeline.prepare import fit_channels, fit_size
 
 
@@ -72,3 +73,22 @@ def test_npy_arrays_of_other_types_or_ranks_are_refused(tmp_path):
     np.save(tmp_path / "r.npy", np.zeros((2, 2, 32, 32, 1), np.uint8))
     with pytest.raises(ValueError, match=r"shape \(2, 2, 32, 32, 1\): not an image or a stack of images"):
         read_npy_images(tmp_path / "r.npy")
+
+
+def test_providers_are_chosen_from_what_onnxruntime_has(monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert pick_providers("auto") == pick_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(InputError, match="provider cuda requested, but this onnxruntime has no CUDAExecutionProvider"):
+        pick_providers("cuda")
+    with pytest.raises(InputError, match="provider must be auto, cuda or cpu, not 'gpu'"):
+        pick_providers("gpu")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert pick_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_the_export_gate_checks_every_image_at_its_largest_batch_size_and_some_at_the_others():
+    gated = gate_images(np.arange(10), [1, 7, 4], small_batch_images=3)
+    assert {bs: images.tolist() for bs, images in gated.items()} == {1: [0, 1, 2], 7: list(range(10)), 4: [0, 1, 2]}

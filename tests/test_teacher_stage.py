@@ -198,6 +198,9 @@ def test_outputs_onto_another_stages_folder_or_an_unwritable_one_are_refused_bef
     assert result.exit_code == 2 and result.output.strip() == (
         "error: output data holds the `prepare` stage's outputs: not overwriting them with `teacher`'s (wrong --out?)")
     assert (workdir / "data/manifest.json").read_bytes() == manifest and not (workdir / "data/model.pt").exists()
+    result = runner.invoke(app, ["teacher", "--data", "data", "--metrics", "data/m.json"])  # a file output too
+    assert result.exit_code == 2 and "output data holds the `prepare` stage's outputs" in result.output
+    assert not (workdir / "data/m.json").exists()
 
     import tempfile
 
@@ -214,6 +217,14 @@ def test_outputs_onto_another_stages_folder_or_an_unwritable_one_are_refused_bef
     assert result.exit_code == 2 and result.output.strip() == (
         "error: output locked/m.json: cannot write in locked (Operation not permitted)")
     assert not (workdir / "teacher").exists() and not (workdir / "live").exists()
+
+
+def test_a_command_gives_back_the_signal_handlers_it_found():
+    import signal
+
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    assert runner.invoke(app, ["params"]).exit_code == 0
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before
 
 
 def test_a_stage_stopped_by_sigterm_keeps_the_earlier_outputs_and_resumes_when_run_again(workdir):
