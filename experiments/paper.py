@@ -379,11 +379,7 @@ def run(args) -> int:
     if changed:
         return _bad_input(f"{len(changed)} recorded runs were made with other params than the grid gives them now "
                           f"(e.g. {changed[0]}): delete them from {args.results}, or restore the grid")
-    # seed-major: a chunk cut short has compared all methods on the seeds it finished, with one teacher (a later
-    # chunk on a fresh machine trains its own)
-    todo = [(cell, method, seed) for cell in cells if not args.cells or cell.name in args.cells
-            for seed in grid["seeds"] for method in cell.methods
-            if f"{method}-s{seed}" not in read_runs(args.results / f"{cell.name}.json")]
+    todo = runs_to_do(cells, grid["seeds"], args.results, args.cells)
     print(f"{len(todo)} runs to do; work folder {runner.root}", flush=True)
     chunk = Chunk(runner, todo, args.results, info, args.jobs, grid.get("max_jobs", {}), args.budget_s,
                   args.drop_caches, args.expect_s)
@@ -393,6 +389,15 @@ def run(args) -> int:
         print(f"{len(chunk.failed)} failed (the other runs are recorded):", *chunk.failed, sep="\n  ", file=sys.stderr)
         return 1
     return 0
+
+
+def runs_to_do(cells: list[Cell], seeds: list[int], results: Path,
+               only: list[str] | None = None) -> list[tuple[Cell, str, int]]:
+    """The runs not recorded yet (of the cells named in `only`), seed-major: a chunk cut short has compared all
+    methods on the seeds it finished, with one teacher (a later chunk on a fresh machine trains its own)."""
+    return [(cell, method, seed) for cell in cells if not only or cell.name in only
+            for seed in seeds for method in cell.methods
+            if f"{method}-s{seed}" not in read_runs(results / f"{cell.name}.json")]
 
 
 def run_hashes(params: Path, cell: Cell, method: str, seed: int, extra: list[str]) -> dict[str, str]:

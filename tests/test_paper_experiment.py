@@ -117,6 +117,94 @@ def test_the_budget_leaves_out_only_the_cells_it_has_no_room_for(tmp_path):
     assert chunk.over_budget(unseen) and chunk.todo == [todo[2]]  # else the longest of any, 200 s
 
 
+def _cell(criterion="Q", methods=("ours",), regime="a"):
+    return paper.Cell(regime, "resnet9", criterion, tuple(methods), (), {})
+
+
+def _results(folder, cell, runs, **fields):
+    (folder / f"{cell.name}.json").write_text(json.dumps(
+        {"cell": cell.name, "regime": cell.regime, "student": cell.student, "runs": runs, **fields}))
+
+
+def test_the_runs_to_do_are_those_not_recorded_seed_major(tmp_path):
+    main, ablation = _cell(methods=("ce", "ours")), _cell("S")
+    _results(tmp_path, main, {"ours-s0": {}})
+    todo = [(cell.name, method, seed) for cell, method, seed in paper.runs_to_do([main, ablation], [0, 1], tmp_path)]
+    assert todo == [("a-resnet9-Q", "ce", 0), ("a-resnet9-Q", "ce", 1), ("a-resnet9-Q", "ours", 1),
+                    ("a-resnet9-S", "ours", 0), ("a-resnet9-S", "ours", 1)]
+    assert [item[0].name for item in paper.runs_to_do([main, ablation], [0], tmp_path, ["a-resnet9-S"])] == [
+        "a-resnet9-S"]
+
+
+def test_a_regimes_cap_lowers_the_runs_at_once_never_raises_them(tmp_path):
+    capped, free = _cell(regime="full"), _cell(regime="labels10")
+    assert paper.Chunk(None, [], tmp_path, {}, 2, {"full": 4}, float("inf"), False).jobs(capped) == 2
+    chunk = paper.Chunk(None, [], tmp_path, {}, 8, {"full": 4}, float("inf"), False)
+    assert (chunk.jobs(capped), chunk.jobs(free)) == (4, 8)
+
+
+def test_an_ablation_run_repeats_only_a_main_run_of_the_same_teacher_and_layers_done_or_asked_for(tmp_path):
+    from concurrent.futures import Future
+
+    main, ablation = _cell(methods=("ce", "ours")), _cell("S")
+    context = {"teacher_id": "t", "selection": {"layers": [1, 2, 3, 4]}}
+    prepared = Future()
+    prepared.set_result({"context": context})
+
+    def chunk_asking(*methods):
+        chunk = paper.Chunk(None, [(main, m, 0) for m in methods] + [(ablation, "ours", 0)], tmp_path, {}, 1, {},
+                            float("inf"), False)
+        chunk.prepared[main.name] = prepared
+        return chunk
+
+    assert chunk_asking("ce", "ours").twin(ablation, "ours-s0", context) == main.name
+    assert chunk_asking("ce").twin(ablation, "ours-s0", context) is None  # Q's run is in no chunk: train it
+    assert chunk_asking("ours").twin(ablation, "ours-s0", {**context, "teacher_id": "u"}) is None
+    assert chunk_asking("ours").twin(ablation, "ours-s0", {**context, "selection": {"layers": [5]}}) is None
+    _results(tmp_path, main, {"ours-s0": {"teacher_id": "t", "teacher_layers": [1, 2, 3, 4], "wall_seconds": 60}})
+    assert chunk_asking().twin(ablation, "ours-s0", context) == main.name  # recorded before
+
+
+def test_a_cell_keeps_every_teacher_training_its_runs_distilled_from(tmp_path):
+    from concurrent.futures import Future
+
+    cell, chunk = _cell(), paper.Chunk(None, [], tmp_path, {"params": "p.yaml"}, 1, {}, float("inf"), False)
+    for seed, teacher in ((0, "t1"), (1, "t2")):  # e.g. two chunks on two machines, each training its teacher
+        chunk.prepared[cell.name] = Future()
+        chunk.prepared[cell.name].set_result({"context": {"teacher_id": teacher, "layers": [{"Q": seed}]}})
+        chunk.record(cell, f"ours-s{seed}", {"teacher_id": teacher, "test_acc": 0.5})
+    saved = json.loads((tmp_path / "a-resnet9-Q.json").read_text())
+    assert set(saved["runs"]) == {"ours-s0", "ours-s1"} and saved["teacher_id"] == "t2"  # the latest on top
+    assert saved["teachers"] == {"t1": {"teacher_id": "t1", "layers": [{"Q": 0}]},
+                                 "t2": {"teacher_id": "t2", "layers": [{"Q": 1}]}}
+
+
+def test_a_run_needs_at_least_one_job(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        paper.main(["--results", str(tmp_path), "run", "--work", str(tmp_path / "w"), "--jobs", "0"])
+    assert stop.value.code == 2 and "not a positive whole number: '0'" in capsys.readouterr().err
+
+
+def test_table_names_each_teacher_once_and_which_ablation_runs_are_qs(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"params": "p.yaml", "seeds": [0, 1], "regimes": {"a": []}, "students": ["resnet9"],
+                                    "methods": ["ours"], "ablation": {"method": "ours", "criteria": ["S"]}}))
+
+    def run(seed, teacher_acc, **extra):
+        return {"method": "ours", "seed": seed, "test_acc": 0.9, "best_test_acc": 0.91, "probe_test_acc": 0.89,
+                "wall_seconds": 60, "device": "cpu", "jobs": 1, "teacher_test_acc": teacher_acc,
+                "teacher_layers": [1, 2, 3, 4], **extra}
+
+    layers = [{"layer": k, "Q": 1.0} for k in range(3)]
+    _results(tmp_path, _cell(), {"ours-s0": run(0, 0.93), "ours-s1": run(1, 0.93)}, layers=layers)
+    _results(tmp_path, _cell("S"), {"ours-s0": run(0, 0.93, same_run_as="a-resnet9-Q"), "ours-s1": run(1, 0.94)},
+             layers=layers)
+    text = paper_table.table(tmp_path, grid)
+    assert "Teacher test top-1 93.00 % (one value per teacher" in text
+    assert "| S | [1, 2, 3, 4] (1 of them Q's runs) | 2 | 90.00 ± 0.00 | 89.00 ± 0.00 | 93.00 / 94.00 |" in text
+    assert "| Q | [1, 2, 3, 4] | 2 |" in text
+
+
 def test_regimes_share_a_teacher_the_next_cell_is_prepared_while_runs_go_and_a_regime_caps_runs(grid, tmp_path):
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
         "params": str(grid / "params.yaml"), "seeds": [2], "students": ["resnet9"], "methods": ["ours"],
@@ -361,9 +449,14 @@ def test_a_teacher_sent_back_in_parts_is_restored_by_the_next_session_not_traine
     assert left == 0 and not set(first) & set(second)
     assert len(first) + len(second) == int(teacher_bank.PART.fullmatch(first[0])["n"])
     assert teacher_bank.send(grid / "work", calls[2], 10**9, 99, only={1}) == ([first[1]], 0)  # asked for again
+    room = teacher_bank.send(grid / "work", calls[2], 75_000, 99, only={0, 1, 2})  # room for one 50 kB part
+    assert room == ([first[0]], 2)
     bank = tmp_path / "bank"
     teacher_bank.collect(calls[:2], bank)
     ((ident, sha),) = teacher_bank.part_sets(bank)
+    capsys.readouterr()
+    teacher_bank.collect(calls[:2], bank)  # the same training again: nothing to say against it
+    assert "not collected" not in capsys.readouterr().out
     (calls[2] / f"teacher-{ident}.{'1' * 12}.00-of-01.part").write_bytes(b"another training of the same teacher")
     teacher_bank.collect(calls[2:], bank)
     assert list(teacher_bank.part_sets(bank)) == [(ident, sha)]  # one training per teacher: no doubt which
