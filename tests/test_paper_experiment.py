@@ -128,10 +128,11 @@ def _results(folder, cell, runs, **fields):
 
 def test_the_runs_to_do_are_those_not_recorded_seed_major(tmp_path):
     main, ablation = _cell(methods=("ce", "ours")), _cell("S")
-    _results(tmp_path, main, {"ours-s0": {}})
-    todo = [(cell.name, method, seed) for cell, method, seed in paper.runs_to_do([main, ablation], [0, 1], tmp_path)]
-    assert todo == [("a-resnet9-Q", "ce", 0), ("a-resnet9-Q", "ce", 1), ("a-resnet9-Q", "ours", 1),
-                    ("a-resnet9-S", "ours", 0), ("a-resnet9-S", "ours", 1)]
+    _results(tmp_path, main, {"ce-s1": {}})
+    todo = [(cell.name, method, seed) for cell, method, seed in paper.runs_to_do([main, ablation], [0, 1, 2], tmp_path)]
+    assert todo == [("a-resnet9-Q", "ce", 0), ("a-resnet9-Q", "ours", 0), ("a-resnet9-Q", "ours", 1),
+                    ("a-resnet9-Q", "ce", 2), ("a-resnet9-Q", "ours", 2),
+                    ("a-resnet9-S", "ours", 0), ("a-resnet9-S", "ours", 1), ("a-resnet9-S", "ours", 2)]
     assert [item[0].name for item in paper.runs_to_do([main, ablation], [0], tmp_path, ["a-resnet9-S"])] == [
         "a-resnet9-S"]
 
@@ -163,6 +164,8 @@ def test_an_ablation_run_repeats_only_a_main_run_of_the_same_teacher_and_layers_
     assert chunk_asking("ours").twin(ablation, "ours-s0", {**context, "selection": {"layers": [5]}}) is None
     _results(tmp_path, main, {"ours-s0": {"teacher_id": "t", "teacher_layers": [1, 2, 3, 4], "wall_seconds": 60}})
     assert chunk_asking().twin(ablation, "ours-s0", context) == main.name  # recorded before
+    _results(tmp_path, main, {"ours-s0": {"teacher_id": "u", "teacher_layers": [1, 2, 3, 4], "wall_seconds": 60}})
+    assert chunk_asking().twin(ablation, "ours-s0", context) is None  # recorded, from another teacher training
 
 
 def test_a_cell_keeps_every_teacher_training_its_runs_distilled_from(tmp_path):
