@@ -18,7 +18,8 @@ def cache(
     data: Path = DataOpt,
     teacher_dir: Path = TeacherOpt,
     scores: Path = typer.Option(Path("scores"), help="output folder of `score` (selection.json)"),
-    out: Path = typer.Option(Path("cache/teacher"), help="output folder: layer_<k>.npy, logits.npy and manifest.json"),
+    out: Path = typer.Option(Path("cache/teacher"),
+                             help="output folder: layer_<k>.npy, logits.npy and manifest.json"),
 ) -> None:
     """Cache the teacher layers that the params' `methods` distil from, and the logits, for every training image
     the students learn from (`student.train_subset`)."""

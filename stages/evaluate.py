@@ -19,7 +19,8 @@ def evaluate(
     runs: Path = typer.Option(Path("runs"), help="folder of student-<method>-s<seed> and probe-... outputs"),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics JSON (dvc metrics show)"),
     report: Path = typer.Option(Path("reports/summary.md"), help="Markdown summary table"),
-    plots: Path = typer.Option(Path("plots"), help="confusion-matrix, per-class and per-epoch test-accuracy CSVs (dvc plots show)"),
+    plots: Path = typer.Option(Path("plots"), help="confusion-matrix, per-class and per-epoch test-accuracy CSVs "
+                                                   "(dvc plots show)"),
 ) -> None:
     """Teacher and the params' methods x seeds runs: top-1/top-5, per-class, confusion; mean ± std over seeds."""
     cfg = load(params, overrides)

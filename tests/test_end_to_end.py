@@ -364,7 +364,7 @@ def test_evaluate_reports_the_best_epoch_apart_from_the_last(repo, tmp_path):
     run = tmp_path / "runs/student-ours-s0"
     shutil.copytree(repo / "runs/student-ours-s0", run)
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["history"][0]["test_acc"] = 0.995  # an early epoch better than the last (history is in no checksummed file)
+    manifest["history"][0]["test_acc"] = 0.995  # an early epoch beats the last (history is in no checksummed file)
     (run / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(app, ["evaluate", "-p", str(repo / "params.yaml"), "-S", "methods=[ours]", "--data",
                                       str(repo / "data/prepared"), "--teacher", str(repo / "models/teacher"),
