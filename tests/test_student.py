@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from pipeline.probe import fit_probe, probe_student
 from pipeline.student import build_distiller, load_student_dir, train_student
 from pipeline.targets import CachedTargets, device_cache
 from pipeline.teacher import device_splits, load_teacher
-from tiny import run_stage, tiny_pipeline
+from tiny import fail_model_saves, run_stage, tiny_pipeline
 
 
 def test_method_registry_matches_params_schema():
@@ -465,14 +464,7 @@ def test_student_stage_outputs_and_a_failed_run_keeping_them(pipe, tmp_path, mon
     assert result.exit_code == 1 and "non-finite training loss" in result.output
     assert {p: p.read_bytes() for p in kept} == kept  # model, metrics and curves of the good run
 
-    real_save = torch.save
-
-    def disk_full_for_models(obj, path, *args, **kwargs):  # trained, curves written: the model cannot be
-        if Path(path).name.startswith(".model.pt"):
-            raise RuntimeError("unexpected pos 64 vs 0")
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_for_models)
+    fail_model_saves(monkeypatch, "unexpected pos 64 vs 0")  # trained, curves written: the model cannot be
     result = run_stage(pipe, "student", *out, "-S", "seed=1")
     assert result.exit_code == 1 and "model.pt failed: unexpected pos 64 vs 0" in result.output
     assert {p: p.read_bytes() for p in kept} == kept and len(list((tmp_path / "r").iterdir())) == 1  # to resume

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pipeline.checkpoint import load_model, save_model
 from pipeline.models import ModelSpec, build_model
 from stages.cli import app
-from tiny import write_prepared
+from tiny import fail_model_saves, write_prepared
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,14 +177,7 @@ def test_a_failed_run_keeps_the_last_good_runs_curves(workdir):
 def test_a_run_failing_to_write_its_model_keeps_all_the_earlier_outputs(workdir, monkeypatch):
     assert run_teacher().exit_code == 0
     earlier = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "data" not in p.parts}
-    real = torch.save
-
-    def disk_full_for_models(obj, path, *args, **kwargs):  # what torch's writer raises on a full disk
-        if Path(path).name.startswith(".model.pt"):
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore")
-        return real(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_for_models)
+    fail_model_saves(monkeypatch, "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore")
     result = run_teacher("-S", "seed=1")  # trained; its curves done before its model is written
     assert result.exit_code == 1 and result.output.splitlines()[-1].startswith("error: writing ")
     assert result.output.splitlines()[-1].endswith("model.pt failed: [enforce fail at inline_container.cc:664] . "

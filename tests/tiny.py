@@ -1,5 +1,7 @@
 """Tiny real-format pipeline outputs for stage tests (a prepared dataset as `kd prepare` writes it)."""
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.io import write_manifest
@@ -77,3 +79,17 @@ def killed_at_rename(monkeypatch, n: int) -> list:
 
     monkeypatch.setattr(os, "replace", replace)
     return renames
+
+
+def fail_model_saves(monkeypatch, message: str) -> None:
+    """torch.save raising `message` as torch's writer does on a full disk, for the stages' model.pt files only."""
+    import torch
+
+    real = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if Path(path).name.startswith(".model.pt"):
+            raise RuntimeError(message)
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
